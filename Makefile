@@ -1,0 +1,33 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= all
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint clean
+
+# Idempotent: re-runs pip only when pyproject.toml or setup.py changed since the last setup.
+setup: $(VENV)/.setup-stamp
+
+$(VENV)/.setup-stamp: pyproject.toml setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, from the spec we choose, so no dependency pulls another (CUDA) build.
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/clocmllm demo --workdir $(DEMO_DIR)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check clocmllm encoder adapters scripts tests
+	$(VENV)/bin/ruff format --check clocmllm encoder adapters scripts tests
+
+clean:
+	rm -rf $(VENV) .venv-* runs build *.egg-info

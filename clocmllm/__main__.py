@@ -1,0 +1,5 @@
+import sys
+
+from clocmllm.cli import main
+
+sys.exit(main())

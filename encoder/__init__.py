@@ -1,0 +1,1 @@
+"""JAX/Flax side: CLOC pretraining. Never imports torch."""
