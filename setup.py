@@ -17,6 +17,6 @@ for name, folder in ROOTS.items():
 setup(
     packages=packages,
     package_dir=ROOTS,
-    package_data={"clocmllm.encoder": ["configs/*.yaml"], "clocmllm": ["web/*"]},
+    package_data={"clocmllm.encoder": ["configs/*.yaml", "data/*.json"], "clocmllm.web": ["*.html"]},
     include_package_data=True,
 )
