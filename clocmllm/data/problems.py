@@ -46,7 +46,9 @@ class ProblemLog:
 
     @property
     def skipped(self) -> int:
-        return len({(p.file, p.line) for p in self.problems})
+        """Distinct bad samples: by line, or, in a file without lines (a COCO JSON), by the
+        item the field names (`annotations[3].bbox` -> `annotations[3]`)."""
+        return len({_sample_key(p) for p in self.problems})
 
     def summary(self, first: int = 5) -> str:
         if not self.problems:
@@ -61,3 +63,9 @@ class ProblemLog:
             log.warning("%s: %s", what, self.summary())
         else:
             log.info("%s: %s", what, self.summary())
+
+
+def _sample_key(p: Problem) -> tuple:
+    if p.line is not None or not p.field:
+        return (p.file, p.line)
+    return (p.file, None, p.field.split(".")[0])

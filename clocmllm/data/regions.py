@@ -58,7 +58,9 @@ class RegionRecord:
         return out
 
 
-def record_from_json(obj: object, file: str, line: int, problems: ProblemLog, root: str | None) -> RegionRecord | None:
+def record_from_json(
+    obj: object, file: str, line: int, problems: ProblemLog, root: str | None
+) -> RegionRecord | None:
     """Parse and validate one decoded JSON object; None (and a logged problem) if bad."""
     if not isinstance(obj, dict):
         problems.add(file, line, None, "a record must be a JSON object")
@@ -80,22 +82,27 @@ def record_from_json(obj: object, file: str, line: int, problems: ProblemLog, ro
     if not isinstance(raw_regions, list):
         problems.add(file, line, "regions", "regions must be a list")
         return None
-    regions = []
+    # Every bad region of the record is reported (not only the first), then the record is skipped.
+    regions, bad = [], False
     for i, reg in enumerate(raw_regions):
         where = f"regions[{i}]"
         if not isinstance(reg, dict):
             problems.add(file, line, where, "a region must be an object with box and text")
-            return None
+            bad = True
+            continue
         why = box_problem(reg.get("box"), width, height)
         if why:
             problems.add(file, line, f"{where}.box", why)
-            return None
+            bad = True
         text = reg.get("text")
         if not isinstance(text, str) or not text.strip():
             problems.add(file, line, f"{where}.text", "empty region text")
-            return None
-        extra = {k: v for k, v in reg.items() if k not in ("box", "text")}
-        regions.append(Region([float(c) for c in reg["box"]], text, extra))
+            bad = True
+        if not bad:
+            extra = {k: v for k, v in reg.items() if k not in ("box", "text")}
+            regions.append(Region([float(c) for c in reg["box"]], text, extra))
+    if bad:
+        return None
     extra = {k: v for k, v in obj.items() if k not in ("image", "caption", "regions", "width", "height")}
     return RegionRecord(image, caption, regions, width, height, extra, root)
 

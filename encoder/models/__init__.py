@@ -1,0 +1,1 @@
+"""Flax linen models of the CLOC encoder (see encoder/CONTRACT.md for the param tree)."""

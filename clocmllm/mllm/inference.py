@@ -1,0 +1,135 @@
+"""Chat inference: prompt building, greedy decoding with KV cache and streaming, boxes in and out.
+
+Library for `clocmllm chat`, the evaluator, the demo and the web server. A user box is given
+in original-image pixels; it is written into the prompt on this model's 0–999 grid, followed
+by `<region>` (whose feature comes from the exact pixel box). Boxes in the answer are parsed
+with `clocmllm.boxes.parse_boxes` and mapped back to pixels through the same geometry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from clocmllm.boxes import format_box, parse_boxes
+from clocmllm.mllm import templates
+from clocmllm.mllm.dataset import tokenize_segments
+from clocmllm.mllm.tokenizer import IMAGE_TOKEN, REGION_TOKEN
+
+DEFAULT_REFERRING = "What is the object at {box}?"
+
+
+@dataclass
+class Answer:
+    text: str
+    grid_boxes: list[list[int]]  # as parsed from the text
+    pixel_boxes: list[list[float]]  # in original image pixels
+    new_tokens: int = 0
+
+
+class _CallbackStreamer:
+    """Minimal `BaseStreamer`: skips the prompt, emits decoded text deltas to a callback."""
+
+    def __init__(self, tokenizer, callback: Callable[[str], None]):
+        self.tokenizer, self.callback = tokenizer, callback
+        self.ids: list[int] = []
+        self.sent = ""
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.ids += value.reshape(-1).tolist()
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.callback(text[len(self.sent) :])
+            self.sent = text
+
+    def end(self) -> None:
+        pass
+
+
+def user_text(prompt: str | None, box_grid: list[int] | None, first: bool) -> str:
+    """The user's message: `{box}` in the prompt (or the default question) gets `[..] <region>`."""
+    text = prompt or ""
+    if box_grid is not None:
+        box_text = f"{format_box(box_grid)} {REGION_TOKEN}"
+        if not text:
+            text = DEFAULT_REFERRING
+        text = text.replace("{box}", box_text) if "{box}" in text else f"{text} {box_text}"
+    if first and IMAGE_TOKEN not in text:
+        text = f"{IMAGE_TOKEN}\n{text}"
+    return text
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation about one image."""
+
+    model: object
+    tokenizer: object
+    image: Image.Image
+    max_new_tokens: int = 64
+    use_cache: bool = True
+    turns: list[templates.Turn] = field(default_factory=list)
+    region_boxes: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pixel_values, self.geometry = self.model.tower.preprocess(self.image)
+
+    def ask(
+        self, prompt: str | None, box: list[float] | None = None, stream: Callable[[str], None] | None = None
+    ) -> Answer:
+        """One user turn -> the model's answer (streamed to `stream` as it is decoded)."""
+        grid = self.geometry.to_grid(box) if box is not None else None
+        if box is not None:
+            self.region_boxes.append(self.geometry.to_unit(box))
+        self.turns.append(("user", user_text(prompt, grid, first=not self.turns)))
+        tok, model = self.tokenizer, self.model
+        segs = templates.segments(model.config.template, self.turns, tok, generation_prompt=True)
+        ids, _ = tokenize_segments(segs, tok, model.tower.num_tokens)
+        device = next(model.parameters()).device
+        input_ids = torch.tensor([ids], device=device)
+        boxes = torch.tensor([self.region_boxes], dtype=torch.float32, device=device).reshape(1, -1, 4)
+        streamer = _CallbackStreamer(tok, stream) if stream else None
+        new = model.generate(
+            input_ids,
+            pixel_values=self.pixel_values[None].to(device),
+            region_boxes=boxes,
+            max_new_tokens=self.max_new_tokens,
+            use_cache=self.use_cache,
+            streamer=streamer,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )[0]
+        text = tok.decode(new, skip_special_tokens=True).strip()
+        self.turns.append(("assistant", text))
+        grid_boxes = parse_boxes(text)
+        pixels = [self.geometry.from_grid(b) for b in grid_boxes]
+        return Answer(text, grid_boxes, pixels, int(new.numel()))
+
+
+def answer(model, tokenizer, image: Image.Image, prompt: str | None, box: list[float] | None = None, **kw) -> Answer:
+    """One-shot question about an image (see `ChatSession.ask`)."""
+    stream = kw.pop("stream", None)
+    return ChatSession(model, tokenizer, image, **kw).ask(prompt, box, stream=stream)
+
+
+def draw_boxes(image: Image.Image, boxes: list[list[float]], out: str | Path, colour: str = "red") -> Path:
+    """Draw pixel boxes on a copy of the image; written atomically as PNG."""
+    out = Path(out)
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    width = max(1, round(max(canvas.size) / 200))
+    for i, b in enumerate(boxes):
+        draw.rectangle([float(c) for c in b], outline=colour, width=width)
+        draw.text((b[0] + 2, b[1] + 1), str(i + 1), fill=colour)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(out)
+    return out

@@ -1,0 +1,80 @@
+"""Chat templates as (text, is_target) segments: `plain`, vicuna `v1`, the tokenizer's own.
+
+Each template turns a conversation into segments; only assistant answers are targets, so
+the labels mask everything else. Segments are tokenized one by one and concatenated, which
+makes the target boundary exact (the same function builds the inference prompt, so training
+and inference see the same tokens).
+
+- `plain`: LLaVA's pretraining format, no system and no roles, `"\n"` separators. LLaVA's
+  plain drops the question; we keep it (masked), since referring needs the box and region.
+- `v1`: LLaVA-1.5's vicuna_v1: system, `USER: ... ASSISTANT: ...</s>`.
+- `chat`: `tokenizer.apply_chat_template`; the assistant's span is found by rendering the
+  conversation with and without each answer (prefix property checked, error otherwise).
+- `auto`: `chat` when the tokenizer has a chat template, else `v1`.
+"""
+
+from __future__ import annotations
+
+V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+TEMPLATES = ("plain", "v1", "chat", "auto")
+
+Turn = tuple[str, str]  # (role: "user" | "assistant", text)
+
+
+def resolve(template: str, tokenizer) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "v1"
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template 'chat' needs a tokenizer with a chat_template")
+    return template
+
+
+def segments(template: str, turns: list[Turn], tokenizer, generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """Conversation -> [(text, is_target)]. With `generation_prompt`, ends where the answer starts."""
+    template = resolve(template, tokenizer)
+    eos = tokenizer.eos_token or ""
+    out: list[tuple[str, bool]] = []
+    if template == "plain":
+        for role, text in turns:
+            out.append((text + "\n", False) if role == "user" else (text + eos, True))
+        return out
+    if template == "v1":
+        out.append((V1_SYSTEM + " ", False))
+        for role, text in turns:
+            if role == "user":
+                out.append((f"USER: {text} ASSISTANT:", False))
+            else:
+                out.append((f" {text}{eos}", True))
+        return out
+    return _chat_segments(turns, tokenizer, generation_prompt)
+
+
+def _chat_segments(turns: list[Turn], tokenizer, generation_prompt: bool) -> list[tuple[str, bool]]:
+    messages = [{"role": r, "content": t} for r, t in turns]
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    out: list[tuple[str, bool]] = []
+    done = ""
+    for i, (role, _) in enumerate(turns):
+        if role != "assistant":
+            continue
+        prefix = render(messages[:i], True)
+        full = render(messages[: i + 1], False)
+        if not prefix.startswith(done) or not full.startswith(prefix):
+            raise ValueError("the tokenizer's chat template is not prefix-stable; use template v1")
+        out += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
+        done = full
+    if generation_prompt or not turns or turns[-1][0] == "user":
+        final = render(messages, generation_prompt) if turns else ""
+        if not final.startswith(done):
+            raise ValueError("the tokenizer's chat template is not prefix-stable; use template v1")
+        if final[len(done) :]:
+            out.append((final[len(done) :], False))
+    return [(t, target) for t, target in out if t]

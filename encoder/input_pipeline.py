@@ -1,0 +1,259 @@
+"""Region-text batches for CLIP/CLOC pretraining: deterministic, resumable, prefetched.
+
+Sources: a region JSONL file, a folder of `*.jsonl` shards (what the VESL labeller writes),
+or a synthetic-world folder (its `<split>/regions.jsonl`). Records are read once into
+memory (metadata only; images are decoded per batch).
+
+Determinism and resumption: the batch at step `s` is a pure function of `(seed, s)`.
+Global sample position `p = s * batch + i` lives in epoch `p // n` at slot `p % n` of that
+epoch's permutation (`default_rng([seed, epoch])`); region sampling for that sample uses
+`default_rng([seed, s, i])`. So a run restarted at step `s` sees exactly the batches an
+uninterrupted run would have seen, and the only iterator state to checkpoint is the step.
+
+Bad images: an image that fails to decode is reported once through `ProblemLog` (or raises
+`DataError` in strict mode) and replaced by the next slot of the same permutation, which is
+itself deterministic, so the batch stays a function of `(seed, s)`.
+
+Prefetching uses plain Python threads and a bounded queue. PIL decoding and resizing release
+the GIL, so threads overlap I/O and decoding with the jitted step; `grain` would add a heavy
+dependency and multiprocess workers that fight XLA for the same few cores (2 here), and
+multiprocess workers need picklable state we do not otherwise have.
+
+numpy/PIL only (no jax): the trainer turns batches into sharded arrays.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from clocmllm.encoder.preprocess import CLIP_MEAN, CLIP_STD, boxes_to_unit, preprocess_image
+from PIL import Image
+
+from clocmllm.data.problems import ProblemLog
+from clocmllm.data.regions import RegionRecord, iter_region_jsonl
+
+# texts -> int32 [n, context_length]
+Tokenize = Callable[[Sequence[str]], np.ndarray]
+
+
+def region_files(path: str | os.PathLike, split: str = "train") -> list[str]:
+    """The JSONL files behind a data path (file, shard folder, or world folder + split)."""
+    path = str(path)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such file or folder of region JSONL")
+    shards = sorted(glob.glob(os.path.join(path, "*.jsonl")))
+    if shards:
+        return shards
+    sub = os.path.join(path, split)
+    if os.path.isdir(sub):
+        return region_files(sub, split)
+    raise FileNotFoundError(f"{path}: no *.jsonl files and no '{split}/' folder with them")
+
+
+def load_records(
+    path: str | os.PathLike, split: str = "train", problems: ProblemLog | None = None
+) -> list[RegionRecord]:
+    """All valid records of a data path, in file order; bad lines go to `problems`."""
+    problems = problems if problems is not None else ProblemLog()
+    out: list[RegionRecord] = []
+    for f in region_files(path, split):
+        out.extend(iter_region_jsonl(f, problems))
+    if not out:
+        raise ValueError(f"{path}: no valid region records ({problems.summary()})")
+    return out
+
+
+@dataclass
+class PipelineConfig:
+    """What a batch looks like. Field names match the trainer config's `data:` section."""
+
+    image_size: int
+    batch_size: int
+    num_regions: int = 4  # M, regions sampled per image
+    seed: int = 0
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    threads: int = 2
+    prefetch: int = 2  # batches waiting in the queue
+
+
+@dataclass
+class RegionDataset:
+    """Records + preprocessing; `batch(step)` is a pure function of (seed, step)."""
+
+    records: list[RegionRecord]
+    cfg: PipelineConfig
+    tokenize: Tokenize
+    problems: ProblemLog = field(default_factory=ProblemLog)
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self) -> None:
+        self._bad: set[int] = set()
+        self._lock = threading.Lock()
+        self._perms: dict[int, np.ndarray] = {}
+        if self.cfg.batch_size % self.process_count:
+            raise ValueError(f"batch_size {self.cfg.batch_size} not divisible by {self.process_count} hosts")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            if epoch not in self._perms:
+                if len(self._perms) > 4:
+                    self._perms.pop(min(self._perms))
+                rng = np.random.default_rng([self.cfg.seed, epoch])
+                self._perms[epoch] = rng.permutation(len(self.records))
+            return self._perms[epoch]
+
+    def _decode(self, idx: int) -> tuple[np.ndarray, object] | None:
+        rec = self.records[idx]
+        try:
+            with Image.open(rec.image_path) as im:
+                im.load()
+                return preprocess_image(im, self.cfg.image_size, self.cfg.mean, self.cfg.std)
+        except Exception as err:  # noqa: BLE001 - any decode failure is a data problem
+            with self._lock:
+                first = idx not in self._bad
+                self._bad.add(idx)
+            if first:
+                self.problems.add(rec.image_path, None, "image", f"cannot decode image: {err}")
+            return None
+
+    def example(self, step: int, i: int) -> dict:
+        """Sample `i` of the global batch at `step`, decoded and region-sampled."""
+        n = len(self.records)
+        pos = step * self.cfg.batch_size + i
+        epoch, slot = divmod(pos, n)
+        perm = self._perm(epoch)
+        for k in range(n):
+            idx = int(perm[(slot + k) % n])
+            if idx in self._bad:
+                continue
+            got = self._decode(idx)
+            if got is not None:
+                break
+        else:
+            raise ValueError(f"no decodable image left ({self.problems.summary()})")
+        image, geom = got
+        rec = self.records[idx]
+        rng = np.random.default_rng([self.cfg.seed, step, i])
+        m = self.cfg.num_regions
+        chosen = sample_regions(len(rec.regions), m, rng)
+        boxes = np.zeros((m, 4), np.float32)
+        valid = np.zeros((m,), bool)
+        texts = [""] * m
+        if len(chosen):
+            boxes[: len(chosen)] = boxes_to_unit([rec.regions[j].box for j in chosen], geom)
+            valid[: len(chosen)] = True
+            for r, j in enumerate(chosen):
+                texts[r] = rec.regions[j].text
+        return {
+            "image": image,
+            "caption": rec.caption,
+            "boxes": boxes,
+            "valid": valid,
+            "texts": texts,
+            "index": idx,
+        }
+
+    def batch(self, step: int, pool: ThreadPoolExecutor | None = None) -> dict[str, np.ndarray]:
+        """This host's slice of the global batch at `step`, as numpy arrays.
+
+        Keys: images f32 [b,S,S,3], text i32 [b,T], region_boxes f32 [b,M,4] (unit square),
+        region_valid bool [b,M], region_text i32 [b,M,T], index i64 [b] (record index).
+        """
+        local = self.cfg.batch_size // self.process_count
+        ids = range(self.process_index * local, (self.process_index + 1) * local)
+        fn = lambda i: self.example(step, i)
+        exs = list(pool.map(fn, ids)) if pool is not None else [fn(i) for i in ids]
+        m = self.cfg.num_regions
+        captions = self.tokenize([e["caption"] for e in exs])
+        region_texts = [t or " " for e in exs for t in e["texts"]]
+        region_tok = self.tokenize(region_texts).reshape(local, m, -1)
+        valid = np.stack([e["valid"] for e in exs])
+        region_tok = np.where(valid[..., None], region_tok, 0).astype(np.int32)
+        return {
+            "images": np.stack([e["image"] for e in exs]),
+            "text": np.asarray(captions, np.int32),
+            "region_boxes": np.stack([e["boxes"] for e in exs]),
+            "region_valid": valid,
+            "region_text": region_tok,
+            "index": np.asarray([e["index"] for e in exs], np.int64),
+        }
+
+
+def sample_regions(count: int, m: int, rng: np.random.Generator) -> list[int]:
+    """Indices of up to `m` regions: random without replacement when more, all when fewer."""
+    if count <= m:
+        return list(range(count))
+    return sorted(int(j) for j in rng.choice(count, size=m, replace=False))
+
+
+class BatchIterator:
+    """Background-prefetched batches from `start_step` on; `step` is the next step to return.
+
+    One producer thread walks the steps in order and fills a bounded queue; inside a batch
+    a small thread pool decodes images in parallel. `close()` stops it (also on GC/exit).
+    """
+
+    def __init__(self, dataset: RegionDataset, start_step: int = 0, prefetch: int | None = None):
+        self.dataset = dataset
+        self.step = start_step
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch or dataset.cfg.prefetch))
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, dataset.cfg.threads))
+        self._thread = threading.Thread(target=self._produce, args=(start_step,), daemon=True)
+        self._thread.start()
+
+    def _produce(self, step: int) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (step, self.dataset.batch(step, self._pool))
+            except Exception as err:  # noqa: BLE001 - handed to the consumer, raised there
+                item = (step, err)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item[1], Exception):
+                return
+            step += 1
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        step, batch = self._queue.get()
+        if isinstance(batch, Exception):
+            raise batch
+        assert step == self.step, (step, self.step)
+        self.step += 1
+        return batch
+
+    def state(self) -> dict:
+        """What a checkpoint must hold to resume this iterator exactly."""
+        return {"step": self.step, "seed": self.dataset.cfg.seed}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __del__(self) -> None:
+        try:
+            self._stop.set()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,53 @@
+"""Causal text transformer, laid out 1:1 on Hugging Face `CLIPTextModel` (+ `text_projection`)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from clocmllm.encoder.config import ModelConfig
+from clocmllm.encoder.models.transformer import block_class, block_kwargs, normal, scaled_width_init
+
+
+def first_eot_index(token_ids: jax.Array, eot_token_id: int) -> jax.Array:
+    """Index of the FIRST `eot_token_id` in each row [B, T] -> [B].
+
+    A row without EOT (it was truncated by a tokenizer that does not keep EOT) pools at
+    its last position, the only one that has attended to the whole row. HF would pool at
+    0 there; our tokenizer always keeps EOT, so this differs only on malformed input.
+    """
+    is_eot = token_ids == eot_token_id
+    first = jnp.argmax(is_eot, axis=-1)
+    return jnp.where(is_eot.any(axis=-1), first, token_ids.shape[-1] - 1)
+
+
+class TextTower(nn.Module):
+    """Params under `text/`: token_embed, pos_embed, layer_{i}, final_ln, proj."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        d = c.text_width
+        self.token_embed = nn.Embed(c.vocab_size, d, dtype=dtype, embedding_init=normal(0.02))
+        self.pos_embed = self.param("pos_embed", normal(0.01), (c.context_length, d))
+        block = block_class(c.remat)
+        for i in range(c.text_layers):
+            setattr(self, f"layer_{i}", block(**block_kwargs(c, "text")))
+        self.final_ln = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=dtype)
+        self.proj = nn.Dense(c.embed_dim, use_bias=False, dtype=dtype, kernel_init=scaled_width_init(d))
+
+    def __call__(self, token_ids: jax.Array) -> jax.Array:
+        """token_ids [B, T<=context_length] int32 -> text embedding [B, E], unnormalised."""
+        c = self.config
+        t = token_ids.shape[-1]
+        if t > c.context_length:
+            raise ValueError(f"token_ids: length {t} exceeds context_length {c.context_length}")
+        x = self.token_embed(token_ids) + self.pos_embed[:t].astype(jnp.dtype(c.dtype))
+        for i in range(c.text_layers):
+            x = getattr(self, f"layer_{i}")(x)
+        x = self.final_ln(x)
+        idx = first_eot_index(token_ids, c.eot_token_id)
+        pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+        return self.proj(pooled).astype(jnp.float32)

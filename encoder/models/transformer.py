@@ -1,0 +1,243 @@
+"""The pre-norm transformer block shared by both towers and the prompter.
+
+Math is Hugging Face `CLIPEncoderLayer` exactly (so the adapters map weights 1:1):
+    x = x + out(attn(ln1(x)));  x = x + fc2(act(fc1(ln2(x))))
+with attention scale Dh**-0.5, unmasked for vision and causal for text.
+
+Speed choices (XLA CPU, where a plain Flax CLIP lost to PyTorch in the backward pass):
+- one fused QKV matmul `[D, 3D]` (q, k, v concatenated along the output axis, heads
+  contiguous inside each) instead of three, so the backward is one large GEMM too;
+- q, k, v are moved once to `[B, H, T, Dh]` so both attention matmuls are plain batched
+  GEMMs with leading batch dims (XLA CPU otherwise inserts a transpose per operand per
+  matmul, in forward and again in backward);
+- the softmax runs in float32 whatever the compute dtype (logits accumulate in f32).
+`attention_impl='dot_product'` swaps in `jax.nn.dot_product_attention`, and
+'einsum_bthd' the stock Flax [B, T, H, Dh] layout, for comparison
+(scripts/bench/bench_encoder_attention.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's sigmoid approximation of GELU (HF `quick_gelu`)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """erf GELU, HF `gelu` (OpenCLIP ViT-H/14)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": exact_gelu,
+}
+
+
+def normal(std: float) -> Callable:
+    return nn.initializers.normal(stddev=std)
+
+
+class MLP(nn.Module):
+    """fc1 -> activation -> fc2 (HF CLIPMLP)."""
+
+    width: int
+    mlp_dim: int
+    act: str
+    layers: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # OpenAI CLIP init: fc std (2D)^-0.5, residual projections scaled by (2L)^-0.5.
+        fc_std = (2 * self.width) ** -0.5
+        proj_std = self.width**-0.5 * (2 * self.layers) ** -0.5
+        x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=normal(fc_std), name="fc1")(x)
+        x = ACTIVATIONS[self.act](x)
+        return nn.Dense(self.width, dtype=self.dtype, kernel_init=normal(proj_std), name="fc2")(x)
+
+
+def _split_heads(qkv: jax.Array, heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """[..., T, 3D] -> three [..., H, T, Dh] (q, k, v blocks, heads contiguous in each)."""
+    *lead, t, three_d = qkv.shape
+    dh = three_d // (3 * heads)
+    qkv = qkv.reshape(*lead, t, 3, heads, dh)
+    n = len(lead)
+    # one transpose to [3, ..., H, T, Dh]
+    qkv = jnp.moveaxis(qkv, (n + 1, n + 2), (0, n + 1))
+    return qkv[0], qkv[1], qkv[2]
+
+
+def _merge_heads(x: jax.Array) -> jax.Array:
+    """[..., H, T, Dh] -> [..., T, H*Dh]."""
+    *lead, h, t, dh = x.shape
+    return jnp.swapaxes(x, -3, -2).reshape(*lead, t, h * dh)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection (params `qkv`, `out`)."""
+
+    width: int
+    heads: int
+    layers: int
+    causal: bool = False
+    impl: str = "einsum"
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        attn_std = self.width**-0.5
+        proj_std = self.width**-0.5 * (2 * self.layers) ** -0.5
+        self.qkv = nn.Dense(3 * self.width, dtype=self.dtype, kernel_init=normal(attn_std))
+        self.out = nn.Dense(self.width, dtype=self.dtype, kernel_init=normal(proj_std))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]."""
+        qkv = self.qkv(x)
+        if self.impl == "dot_product":
+            b, t, _ = qkv.shape
+            q, k, v = jnp.split(qkv.reshape(b, t, 3 * self.heads, -1), 3, axis=2)
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+            return self.out(y.reshape(b, t, self.width))
+        if self.impl == "einsum_bthd":
+            return self.out(self._bthd(qkv))
+        q, k, v = _split_heads(qkv, self.heads)
+        scale = (self.width // self.heads) ** -0.5
+        logits = jnp.einsum(
+            "bhqd,bhkd->bhqk",
+            q * jnp.asarray(scale, q.dtype),
+            k,
+            preferred_element_type=jnp.float32,
+        )
+        if self.causal:
+            t = logits.shape[-1]
+            mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        y = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+        return self.out(_merge_heads(y))
+
+    def _bthd(self, qkv: jax.Array) -> jax.Array:
+        """Stock-Flax layout ([B, T, H, Dh] einsums, as nn.MultiHeadDotProductAttention):
+        kept only as the benchmark baseline for the default layout."""
+        b, t, _ = qkv.shape
+        q, k, v = jnp.split(qkv.reshape(b, t, 3 * self.heads, -1), 3, axis=2)
+        q = q * jnp.asarray((self.width // self.heads) ** -0.5, q.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        if self.causal:
+            mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, self.width)
+
+    def with_prefix(self, x: jax.Array, prefix: jax.Array) -> jax.Array:
+        """Outputs for x [B, M, P, D] when each of the M sequences is [prefix_b ; x_bm].
+
+        Equal to running `__call__` on the M concatenated sequences [B*M, S+P, D] and
+        keeping the last P outputs, but the prefix's keys/values are computed once per
+        image instead of once per prompt (the prompter's M regions share one image).
+        """
+        b, m, p, _ = x.shape
+        h, dh = self.heads, self.width // self.heads
+        q, k, v = _split_heads(self.qkv(x), h)  # [B, M, H, P, Dh]
+        _, pk, pv = _split_heads(self.qkv(prefix), h)  # [B, H, S, Dh]
+        q = q * jnp.asarray(dh**-0.5, q.dtype)
+        f32 = jnp.float32
+        l_pre = jnp.einsum("bmhqd,bhkd->bmhqk", q, pk, preferred_element_type=f32)
+        l_own = jnp.einsum("bmhqd,bmhkd->bmhqk", q, k, preferred_element_type=f32)
+        probs = jax.nn.softmax(jnp.concatenate([l_pre, l_own], axis=-1), axis=-1)
+        probs = probs.astype(v.dtype)
+        s = pk.shape[-2]
+        y = jnp.einsum("bmhqk,bhkd->bmhqd", probs[..., :s], pv) + jnp.einsum(
+            "bmhqk,bmhkd->bmhqd", probs[..., s:], v
+        )
+        return self.out(_merge_heads(y))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (HF CLIPEncoderLayer): ln1, attn, ln2, mlp."""
+
+    width: int
+    heads: int
+    mlp_dim: int
+    act: str = "quick_gelu"
+    eps: float = 1e-5
+    layers: int = 1  # depth of the stack, for the residual-projection init scale
+    causal: bool = False
+    impl: str = "einsum"
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.ln1 = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype)
+        self.attn = Attention(self.width, self.heads, self.layers, self.causal, self.impl, self.dtype)
+        self.ln2 = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype)
+        self.mlp = MLP(self.width, self.mlp_dim, self.act, self.layers, self.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+    def with_prefix(self, x: jax.Array, prefix: jax.Array) -> jax.Array:
+        """x [B, M, P, D] prompt tokens, prefix [B, S, D] shared tokens -> new x.
+
+        Output of the block for the last P positions of each sequence [prefix ; x_m];
+        the prefix's own outputs are not computed (nobody reads them).
+        """
+        x = x + self.attn.with_prefix(self.ln1(x), self.ln1(prefix))
+        return x + self.mlp(self.ln2(x))
+
+
+def block_class(remat: bool) -> type[Block]:
+    """Block, or Block rematerialised in the backward pass (same params, less memory)."""
+    return nn.remat(Block) if remat else Block
+
+
+def block_kwargs(cfg, kind: str) -> dict:
+    """Block hyper-parameters for `kind` in {'vision', 'text', 'prompter'} from a ModelConfig."""
+    common = dict(
+        act=cfg.hidden_act,
+        eps=cfg.layer_norm_eps,
+        impl=cfg.attention_impl,
+        dtype=jnp.dtype(cfg.dtype),
+    )
+    if kind == "vision":
+        return dict(
+            width=cfg.vision_width,
+            heads=cfg.vision_heads,
+            mlp_dim=cfg.vision_mlp_dim,
+            layers=cfg.vision_layers,
+            causal=False,
+            **common,
+        )
+    if kind == "text":
+        return dict(
+            width=cfg.text_width,
+            heads=cfg.text_heads,
+            mlp_dim=cfg.text_mlp_dim,
+            layers=cfg.text_layers,
+            causal=True,
+            **common,
+        )
+    if kind == "prompter":
+        return dict(
+            width=cfg.vision_width,
+            heads=cfg.prompter_heads,
+            mlp_dim=cfg.vision_mlp_dim,
+            layers=1,
+            causal=False,
+            **common,
+        )
+    raise ValueError(f"unknown block kind {kind!r}")
+
+
+def scaled_width_init(width: int) -> Callable:
+    """N(0, width^-0.5): OpenAI CLIP's init for class embedding and output projections."""
+    return normal(width**-0.5)

@@ -1,0 +1,570 @@
+"""CLIP / CLOC pretraining loop, flat and big_vision-style: config -> run -> summary.
+
+    train(config, workdir, data=None, steps=None) -> summary dict
+
+Sections below, in the order a run uses them: config, model and objective, step,
+state creation and resumption, logging, the loop. The config is a plain dict (a recipe
+YAML under `scripts/recipes/` plus overrides); the full resolved config is written to
+`WORKDIR/config.yaml`, and a run in a workdir that already holds checkpoints resumes from
+the latest one (refusing if the model shapes or the mode differ).
+
+Objective (CLOC, arXiv 2410.02746, Sec. 3):
+    L = L_clip + lambda * (L_region + L_ground),  lambda = share of images with regions.
+`mode: clip` trains L_clip only (the baseline); `loss: softmax | sigmoid` picks InfoNCE or
+SigLIP for the image-text and region-text terms. Region texts are embedded by the text
+tower (gradients flow into it, as for captions); the text-prompted prompter receives those
+same embeddings and its grounding prediction is regressed onto the true boxes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+log = logging.getLogger("clocmllm.encoder.trainer")
+
+# ======================================================================== config
+DEFAULTS: dict[str, Any] = {
+    "mode": "cloc",  # clip | cloc
+    "loss": "softmax",  # softmax (InfoNCE) | sigmoid (SigLIP)
+    "seed": 0,
+    "steps": 1000,
+    "model": {"preset": "tiny"},  # a preset name plus field overrides
+    "tokenizer": None,  # tokenizer path; None: built from the data (synthetic world vocab)
+    "data": {
+        "path": None,
+        "split": "train",
+        "eval_path": None,  # None: the data folder's `eval/` split when it exists
+        "eval_split": "eval",
+        "batch_size": 32,
+        "num_regions": 4,  # M regions per image (paper: 4; 2 is about as good)
+        "threads": 2,
+        "prefetch": 2,
+        "strict": False,
+    },
+    "optim": {
+        "lr": 5e-4,
+        "warmup_steps": 2000,
+        "weight_decay": 0.2,
+        "b1": 0.9,
+        "b2": 0.98,
+        "eps": 1e-6,
+        "clip_norm": 1.0,
+    },
+    "cloc": {"text_filter": 0.9},  # drop region negatives whose text cosine is above this
+    "mesh": {"data": -1, "fsdp": 1},
+    "distributed": False,  # jax.distributed.initialize() when multi-host env vars exist
+    "checkpoint": {"every": 500, "keep": 3},
+    "log_every": 10,
+    "eval_every": 0,  # 0: only at the end (when an eval split exists)
+    "eval": {"max_images": 500, "batch_size": 32, "at_end": True},
+    "progress": True,
+    # Test hooks (host side, so the compiled step is the same as without them): NaN images
+    # in the batch of one step; a pause per step so a test can SIGKILL a run mid-way.
+    "debug": {"nan_at_step": -1, "step_delay_s": 0.0},
+}
+
+# Model fields that change numerics or speed but not the checkpoint's shapes/meaning.
+_COMPUTE_ONLY = {"dtype", "attention_impl", "remat"}
+
+
+class IncompatibleCheckpoint(ValueError):
+    """The workdir holds checkpoints of a different model or mode."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient or parameter norm; the last good checkpoint is kept."""
+
+
+def deep_merge(base: Mapping, over: Mapping) -> dict:
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def apply_overrides(config: Mapping, sets: list[str]) -> dict:
+    """`--set a.b=value` overrides: dotted keys, YAML-parsed values (`2`, `true`, `[1, 2]`)."""
+    out = copy.deepcopy(dict(config))
+    for item in sets:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise ValueError(f"--set {key}: {p!r} is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    with open(path, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: a training recipe must be a YAML mapping")
+    return cfg
+
+
+def resolve_config(config: Mapping, data: str | None = None, steps: int | None = None) -> dict:
+    """Recipe + defaults + CLI arguments -> the full config (model section fully expanded)."""
+    from clocmllm.encoder.config import ModelConfig, load_model_config
+
+    _check_keys(config, DEFAULTS, "")
+    cfg = deep_merge(DEFAULTS, config)
+    if data is not None:
+        cfg["data"]["path"] = str(data)
+    if steps is not None:
+        cfg["steps"] = int(steps)
+    if cfg["mode"] not in ("clip", "cloc"):
+        raise ValueError(f"mode: {cfg['mode']!r} must be 'clip' or 'cloc'")
+    if cfg["loss"] not in ("softmax", "sigmoid"):
+        raise ValueError(f"loss: {cfg['loss']!r} must be 'softmax' or 'sigmoid'")
+    model = dict(cfg["model"])
+    if "preset" in model:
+        preset = model.pop("preset")
+        mc = load_model_config(preset, model)
+    else:
+        mc = ModelConfig.from_dict(model, source="config model:")
+    cfg["model"] = mc.to_dict()
+    return cfg
+
+
+def _check_keys(cfg: Mapping, ref: Mapping, prefix: str) -> None:
+    for k, v in cfg.items():
+        if k not in ref:
+            raise ValueError(f"config: unknown key {prefix}{k!r}; known: {sorted(ref)}")
+        if isinstance(v, Mapping) and isinstance(ref[k], Mapping) and k not in ("model", "optim"):
+            _check_keys(v, ref[k], f"{prefix}{k}.")
+
+
+def incompatible_keys(saved: Mapping, new: Mapping) -> list[str]:
+    """Dotted keys whose values differ in a way a checkpoint cannot absorb."""
+    diffs = (
+        [f"mode ({saved.get('mode')} -> {new.get('mode')})"] if saved.get("mode") != new.get("mode") else []
+    )
+    if saved.get("loss") != new.get("loss"):
+        diffs.append(f"loss ({saved.get('loss')} -> {new.get('loss')})")
+    sm, nm = saved.get("model", {}), new.get("model", {})
+    for k in sorted(set(sm) | set(nm)):
+        if k not in _COMPUTE_ONLY and sm.get(k) != nm.get(k):
+            diffs.append(f"model.{k} ({sm.get(k)} -> {nm.get(k)})")
+    return diffs
+
+
+# ======================================================================== tokenizer
+def build_tokenizer(cfg: dict, records, workdir: Path):
+    """The caption tokenizer; sets `cfg['tokenizer']` and the model's vocab/eot/pad from it.
+
+    With `tokenizer: PATH` that file is used. Otherwise a word-level vocabulary is built from
+    the training captions and region phrases (plus a world's `world.json` vocabulary when the
+    data is a synthetic world) and saved as `WORKDIR/tokenizer.json`; a resumed run reuses
+    the saved file so token ids never change under a checkpoint.
+    """
+    from clocmllm.encoder.checkpoints import TOKENIZER_FILE
+    from clocmllm.encoder.config import ModelConfig
+    from clocmllm.encoder.tokenizer import Tokenizer, build_word_tokenizer, tokenizer_overrides
+
+    ctx = int(cfg["model"]["context_length"])
+    own = workdir / TOKENIZER_FILE
+    if cfg["tokenizer"]:
+        path = Path(cfg["tokenizer"])
+        path = path if path.is_absolute() else workdir / path
+        tok = Tokenizer.from_file(path, context_length=ctx)
+    elif own.exists():
+        tok = Tokenizer.from_file(own, context_length=ctx)
+        cfg["tokenizer"] = TOKENIZER_FILE
+    else:
+        texts = [r.caption for r in records] + [g.text for r in records for g in r.regions]
+        texts += _world_words(cfg["data"]["path"])
+        tok = build_word_tokenizer(texts, own, context_length=ctx)
+        cfg["tokenizer"] = TOKENIZER_FILE  # relative to the workdir, so a workdir can move
+    over = tokenizer_overrides(tok)
+    cfg["model"] = ModelConfig.from_dict({**cfg["model"], **over}).to_dict()
+    return tok.encode_batch
+
+
+def _world_words(path) -> list[str]:
+    """Every string of a synthetic world's vocabulary (so eval-only words get ids too)."""
+    meta = Path(path) / "world.json"
+    if not meta.is_file():
+        return []
+    out: list[str] = []
+
+    def walk(x):
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, Mapping):
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(json.loads(meta.read_text()).get("vocabulary", {}))
+    return out
+
+
+# ======================================================================== model and objective
+def make_loss_fn(model, cfg: dict):
+    """params, batch -> (loss, metrics dict). Pure; jitted inside the step."""
+    import jax
+    import jax.numpy as jnp
+    from clocmllm.encoder import losses
+
+    mode, kind = cfg["mode"], cfg["loss"]
+    text_filter = float(cfg["cloc"]["text_filter"])
+
+    def forward(m, batch):
+        tokens = m.encode_image_tokens(batch["images"])
+        out = {"image_emb": m.pool_image(tokens)}
+        if mode == "clip":
+            out["text_emb"] = m.encode_text(batch["text"])
+        else:
+            # captions and region phrases go through the text tower as one batch: one set
+            # of GEMMs (and half the compiled graph) instead of two calls
+            b, mm, t = batch["region_text"].shape
+            texts = jnp.concatenate([batch["text"], batch["region_text"].reshape(b * mm, t)], axis=0)
+            emb = m.encode_text(texts)
+            out["text_emb"] = emb[:b]
+            rtext = emb[b:].reshape(b, mm, -1)
+            out["region_text_emb"] = rtext
+            out["region_emb"], _ = m.region_embed(tokens, batch["region_boxes"])
+            _, feat = m.text_prompt_embed(tokens, rtext)
+            out["pred_boxes"] = m.ground(feat)
+        return out
+
+    def loss_fn(params, batch):
+        out = model.apply({"params": params}, batch, method=forward)
+        scale, bias = params["logit_scale"], params["logit_bias"]
+        if kind == "sigmoid":
+            l_clip = losses.siglip_loss(out["image_emb"], out["text_emb"], scale, bias)
+        else:
+            l_clip = losses.clip_softmax_loss(out["image_emb"], out["text_emb"], scale)
+        metrics = {"clip_loss": l_clip, "logit_scale": jnp.exp(scale)}
+        loss = l_clip
+        if mode == "cloc":
+            valid = batch["region_valid"]
+            # region-text stays InfoNCE under `loss: sigmoid` too (the losses module has no
+            # sigmoid region variant; CLOC's region loss is InfoNCE in the paper)
+            l_region = losses.region_text_loss(
+                out["region_emb"], out["region_text_emb"], valid, scale, filter_threshold=text_filter
+            )
+            l_ground = losses.grounding_loss(out["pred_boxes"], batch["region_boxes"], valid)
+            loss, terms = losses.cloc_total(l_clip, l_region, l_ground, valid)
+            metrics.update(region_loss=l_region, ground_loss=l_ground, lam=terms["lambda"])
+        metrics["loss"] = loss
+        return loss, metrics
+
+    del jax
+    return loss_fn
+
+
+# ======================================================================== step
+def make_train_step(model, tx, schedule, cfg: dict):
+    """(state, batch) -> (state, metrics); the caller jits it with shardings."""
+    import jax
+    import optax
+
+    loss_fn = make_loss_fn(model, cfg)
+
+    def train_step(state, batch):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, metrics), grads = grad_fn(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["param_norm"] = optax.global_norm(params)
+        metrics["lr"] = schedule(state.step)
+        new = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.fold_in(state.rng, 1)
+        )
+        return new, metrics
+
+    return train_step
+
+
+# ======================================================================== state creation / resumption
+def abstract_state(model, tx, seed: int):
+    """ShapeDtypeStruct tree of the TrainState (nothing allocated)."""
+    import jax
+    from clocmllm.encoder.train_state import new_state
+
+    def init():
+        params = model.init(jax.random.PRNGKey(seed), *model.dummy_inputs(1))["params"]
+        return new_state(params, tx, seed)
+
+    return jax.eval_shape(init), init
+
+
+def _state_shardings(abstract, mesh):
+    from clocmllm.encoder.sharding import tree_shardings
+
+    return tree_shardings(abstract, mesh)
+
+
+# ======================================================================== logging
+class MetricsWriter:
+    """Appends one JSON object per line to WORKDIR/metrics.jsonl (flushed each write)."""
+
+    def __init__(self, path: Path, start_step: int):
+        self.path = path
+        if path.exists() and start_step >= 0:
+            # a resumed run rewrites history from its checkpoint on: drop later lines
+            keep = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= start_step
+            ]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, path)
+        self.f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, row: Mapping) -> None:
+        self.f.write(json.dumps({k: _to_py(v) for k, v in row.items()}) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _to_py(v):
+    if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "item"):
+        return float(np.asarray(v))
+    return v
+
+
+def plot_metrics(metrics_path: Path, out_png: Path) -> None:
+    """Loss curves (every loss term) from metrics.jsonl -> PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("loss", "clip_loss", "region_loss", "ground_loss"):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+# ======================================================================== the loop
+def train(
+    config: Mapping, workdir: str | os.PathLike, data: str | None = None, steps: int | None = None
+) -> dict:
+    """Run (or resume) pretraining in `workdir`; returns a summary dict.
+
+    Raises IncompatibleCheckpoint when `workdir` holds checkpoints of another model/mode,
+    TrainingDiverged on a non-finite loss (after keeping the last good checkpoint).
+    """
+    import jax
+    from clocmllm.encoder import checkpoints as ck
+    from clocmllm.encoder.input_pipeline import BatchIterator, PipelineConfig, RegionDataset, load_records
+    from clocmllm.encoder.models.clip import CLIP
+    from clocmllm.encoder.optimizer import build_optimizer
+    from clocmllm.encoder.sharding import batch_sharding, make_mesh, maybe_initialize_distributed, shard_batch
+    from tqdm import tqdm
+
+    from clocmllm.data.problems import ProblemLog
+
+    # ---- config, workdir, compatibility
+    cfg = resolve_config(config, data, steps)
+    maybe_initialize_distributed(bool(cfg["distributed"]))
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if cfg["data"]["path"] is None:
+        raise ValueError("no training data: give data.path in the config or --data DIR")
+    problems = ProblemLog(strict=bool(cfg["data"]["strict"]))
+    records = load_records(cfg["data"]["path"], cfg["data"]["split"], problems)
+    tokenize = build_tokenizer(cfg, records, workdir)  # sets cfg['tokenizer'], model vocab/eot/pad
+    saved = ck.read_config(workdir)
+    mgr = ck.manager(workdir, keep=int(cfg["checkpoint"]["keep"]))
+    start = mgr.latest_step()
+    if start is not None and saved is not None:
+        diffs = incompatible_keys(saved, cfg)
+        if diffs:
+            mgr.close()
+            raise IncompatibleCheckpoint(
+                f"{workdir} holds checkpoints of a different run; differing keys: {', '.join(diffs)}. "
+                "Use a new --workdir (or the same config) to continue."
+            )
+    if jax.process_index() == 0:
+        ck.write_yaml_atomic(workdir / ck.CONFIG_FILE, cfg)
+
+    # ---- model, optimizer, mesh, state
+    from clocmllm.encoder.config import ModelConfig
+
+    mc = ModelConfig.from_dict(cfg["model"])
+    model = CLIP(mc)
+    total = int(cfg["steps"])
+    tx, schedule = build_optimizer(cfg["optim"], total)
+    mesh = make_mesh(cfg["mesh"])
+    abstract, init = abstract_state(model, tx, int(cfg["seed"]))
+    shardings = _state_shardings(abstract, mesh)
+    if start is not None:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        params, opt_state, meta = ck.restore_state(mgr, start, target.params, target.opt_state)
+        state = abstract.replace(
+            step=jax.device_put(np.int32(meta["step"]), shardings.step),
+            params=params,
+            opt_state=opt_state,
+            rng=jax.device_put(np.asarray(meta["rng"], np.uint32), shardings.rng),
+        )
+        start = int(meta["data_step"])
+        log.info("resumed from %s at step %d", workdir, start)
+    else:
+        state = jax.jit(init, out_shardings=shardings)()
+        start = 0
+
+    # ---- data
+    d = cfg["data"]
+    pcfg = PipelineConfig(
+        image_size=mc.image_size,
+        batch_size=int(d["batch_size"]),
+        num_regions=int(d["num_regions"]),
+        seed=int(cfg["seed"]),
+        threads=int(d["threads"]),
+        prefetch=int(d["prefetch"]),
+    )
+    dataset = RegionDataset(records, pcfg, tokenize, problems, jax.process_index(), jax.process_count())
+    eval_records = _eval_records(cfg)
+
+    # ---- step
+    bs = batch_sharding(mesh)
+    step_fn = jax.jit(
+        make_train_step(model, tx, schedule, cfg),
+        in_shardings=(shardings, bs),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+
+    # ---- loop
+    writer = MetricsWriter(workdir / ck.METRICS_FILE, start if start > 0 else -1)
+    every = max(1, int(cfg["checkpoint"]["every"]))
+    log_every = max(1, int(cfg["log_every"]))
+    eval_every = int(cfg["eval_every"])
+    delay = float(cfg["debug"]["step_delay_s"])
+    it = BatchIterator(dataset, start_step=start)
+    bar = tqdm(
+        total=total, initial=start, desc="pretrain", disable=not cfg["progress"] or jax.process_index() != 0
+    )
+    last: dict = {}
+    t_start = time.perf_counter()
+    compile_s = None
+    last_eval: dict = {}
+    try:
+        for step in range(start, total):
+            host = next(it)
+            if step == int(cfg["debug"]["nan_at_step"]):
+                host["images"] = np.full_like(host["images"], np.nan)
+            batch = shard_batch({k: v for k, v in host.items() if k != "index"}, mesh)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            metrics = jax.device_get(metrics)
+            dt = time.perf_counter() - t0
+            if compile_s is None:
+                compile_s = dt
+            if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm", "param_norm")):
+                good = mgr.latest_step()
+                raise TrainingDiverged(
+                    f"non-finite training state at step {step}: loss={metrics['loss']}, "
+                    f"grad_norm={metrics['grad_norm']}, param_norm={metrics['param_norm']}; stopped. "
+                    f"Last good checkpoint: step {good} in {workdir / ck.CKPT_DIR} (the bad state was not saved)."
+                )
+            done = step + 1
+            last = {k: float(v) for k, v in metrics.items()}
+            if done % log_every == 0 or done == total or done == start + 1:
+                row = {"step": done, **last, "step_time": dt, "images_per_s": pcfg.batch_size / dt}
+                writer.write(row)
+                bar.set_postfix(loss=f"{last['loss']:.3f}")
+            if done % every == 0 or done == total:
+                meta = {
+                    "step": done,
+                    "data_step": it.step,
+                    "seed": pcfg.seed,
+                    "rng": np.asarray(jax.device_get(state.rng)).tolist(),
+                }
+                ck.save_state(mgr, done, state.params, state.opt_state, meta)
+            if eval_records is not None and eval_every > 0 and done % eval_every == 0 and done != total:
+                last_eval = _run_eval(model, state.params, cfg, eval_records, tokenize)
+                writer.write({"step": done, **{f"eval/{k}": v for k, v in last_eval.items()}})
+            bar.update(1)
+            if delay > 0:
+                time.sleep(delay)
+        mgr.wait_until_finished()
+        if eval_records is not None and cfg["eval"]["at_end"]:
+            last_eval = _run_eval(model, state.params, cfg, eval_records, tokenize)
+            writer.write({"step": total, **{f"eval/{k}": v for k, v in last_eval.items()}})
+    finally:
+        it.close()
+        bar.close()
+        writer.close()
+        mgr.wait_until_finished()
+        mgr.close()
+        problems.log_summary("pretrain data")
+    if jax.process_index() == 0:
+        plot_metrics(workdir / ck.METRICS_FILE, workdir / "loss.png")
+    return {
+        "workdir": str(workdir),
+        "steps": total,
+        "resumed_from": start,
+        "final": last,
+        "eval": last_eval,
+        "compile_s": compile_s,
+        "wall_s": time.perf_counter() - t_start,
+        "skipped_images": problems.skipped,
+    }
+
+
+def _eval_records(cfg: dict):
+    """Eval split records (None when there is none)."""
+    from clocmllm.encoder.input_pipeline import load_records
+
+    d = cfg["data"]
+    path = d["eval_path"]
+    if path is None:
+        base = Path(d["path"])
+        if not (base.is_dir() and (base / d["eval_split"]).is_dir()):
+            return None
+        path = str(base)
+    return load_records(path, d["eval_split"])[: int(cfg["eval"]["max_images"])]
+
+
+def _run_eval(model, params, cfg: dict, records, tokenize) -> dict:
+    from clocmllm.encoder.evaluators import evaluate_records
+
+    return evaluate_records(
+        model, params, records, tokenize, mode=cfg["mode"], batch_size=int(cfg["eval"]["batch_size"])
+    )

@@ -1,0 +1,50 @@
+"""CLOC vs CLIP on the synthetic world: same data, model, budget; region retrieval of each.
+
+    python scripts/compare_cloc_clip.py --world W --out runs/compare [--steps N]
+
+Trains `scripts/recipes/tiny_clip.yaml` and `tiny_cloc.yaml` on W (a world made by
+`clocmllm world --out W --train 2000 --eval 200 --seed 0`), then evaluates both on W's
+held-out eval split: the CLIP baseline's regions by RoI-Align, CLOC's by its prompter.
+Expected: ~2 x 6 min on 2 busy CPU cores at the recipes' 800 steps; CLOC's region
+retrieval R@1 well above the CLIP baseline's (figures in docs/pretraining.md).
+Runs in existing workdirs resume (or are reused when finished).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from clocmllm.encoder.evaluators import evaluate_checkpoint
+from clocmllm.encoder.trainer import load_recipe, train
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+KEYS = ("image_text_r1", "image_text_r5", "region_retrieval_r1", "region_retrieval_r10", "region_cls_acc", "zero_shot_acc")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=None)
+    args = ap.parse_args()
+    out = Path(args.out)
+    rows = {}
+    for mode in ("clip", "cloc"):
+        cfg = load_recipe(RECIPES / f"tiny_{mode}.yaml")
+        t0 = time.perf_counter()
+        summary = train(cfg, out / mode, data=args.world, steps=args.steps)
+        train_s = time.perf_counter() - t0
+        metrics = evaluate_checkpoint(out / mode, args.world, split="eval")
+        rows[mode] = {"train_s": round(train_s, 1), "steps": summary["steps"], **{k: round(metrics[k], 4) for k in KEYS}}
+        print(mode, json.dumps(rows[mode]), flush=True)
+    print(f"{'metric':24s} {'clip(RoI)':>10s} {'cloc':>10s}")
+    for k in ("train_s", *KEYS):
+        print(f"{k:24s} {rows['clip'][k]:>10} {rows['cloc'][k]:>10}")
+    (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""CLOC losses against naive numpy/loop references (values and, for regions, gradients)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from clocmllm.encoder import losses as L
+from clocmllm.encoder.models.clip import FAST_COMPILE
+
+
+def _jit(fn, **kw):
+    """Tiny inputs: compile once per function, unoptimised (op-by-op dispatch compiles each op)."""
+    return jax.jit(fn, compiler_options=FAST_COMPILE, **kw)
+
+
+clip_softmax_loss = _jit(L.clip_softmax_loss, static_argnums=3)
+siglip_loss = _jit(L.siglip_loss)
+region_text_loss = _jit(L.region_text_loss)
+grounding_loss = _jit(L.grounding_loss)
+region_weight = _jit(L.region_weight)
+cloc_total = _jit(L.cloc_total)
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _log_softmax_row(row, j):
+    m = max(row)
+    return row[j] - (m + math.log(sum(math.exp(v - m) for v in row)))
+
+
+def ref_clip(img, txt, log_scale, smoothing=0.0):
+    img, txt = _unit(img), _unit(txt)
+    s = min(math.exp(log_scale), 100.0)
+    n = len(img)
+    total = 0.0
+    for logits in (
+        [[s * img[i] @ txt[j] for j in range(n)] for i in range(n)],
+        [[s * txt[i] @ img[j] for j in range(n)] for i in range(n)],
+    ):
+        for i in range(n):
+            for j in range(n):
+                target = (1 - smoothing) * (i == j) + smoothing / n
+                total -= target * _log_softmax_row(logits[i], j)
+    return total / (2 * n)
+
+
+def ref_siglip(img, txt, log_scale, bias):
+    img, txt = _unit(img), _unit(txt)
+    t = math.exp(log_scale)
+    total = 0.0
+    for i in range(len(img)):
+        for j in range(len(txt)):
+            z = 1.0 if i == j else -1.0
+            logit = t * img[i] @ txt[j] + bias
+            total += math.log1p(math.exp(-z * logit))
+    return total / len(img)
+
+
+def ref_region(reg, txt, valid, log_scale, thr):
+    """Loop over valid anchors; negatives are valid, differently-texted slots."""
+    b, m, e = reg.shape
+    r, t = reg.reshape(-1, e), txt.reshape(-1, e)
+    v = valid.reshape(-1)
+    keep = [k for k in range(b * m) if v[k]]
+    if not keep:
+        return 0.0
+    r, t = _unit(r[keep]), _unit(t[keep])
+    s = min(math.exp(log_scale), 100.0)
+    total = 0.0
+    for i in range(len(keep)):
+        cols = [j for j in range(len(keep)) if j == i or t[i] @ t[j] <= thr]
+        r2t = [s * r[i] @ t[j] for j in cols]
+        t2r = [s * t[i] @ r[j] for j in cols]
+        pos = cols.index(i)
+        total -= 0.5 * (_log_softmax_row(r2t, pos) + _log_softmax_row(t2r, pos))
+    return total / len(keep)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_clip_softmax_loss_matches_reference(smoothing):
+    rng = np.random.default_rng(0)
+    img, txt = rng.normal(size=(5, 8)), rng.normal(size=(5, 8))
+    for log_scale in (math.log(1 / 0.07), math.log(200.0)):  # second one hits the clip at 100
+        got = clip_softmax_loss(jnp.asarray(img), jnp.asarray(txt), log_scale, smoothing)
+        assert float(got) == pytest.approx(ref_clip(img, txt, log_scale, smoothing), rel=1e-5)
+    # scale-invariant in the embeddings (normalised inside)
+    again = clip_softmax_loss(jnp.asarray(3 * img), jnp.asarray(0.5 * txt), 2.0, smoothing)
+    assert float(again) == pytest.approx(ref_clip(img, txt, 2.0, smoothing), rel=1e-5)
+
+
+def test_siglip_loss_matches_reference():
+    rng = np.random.default_rng(1)
+    img, txt = rng.normal(size=(6, 8)), rng.normal(size=(6, 8))
+    got = siglip_loss(jnp.asarray(img), jnp.asarray(txt), math.log(10.0), -10.0)
+    assert float(got) == pytest.approx(ref_siglip(img, txt, math.log(10.0), -10.0), rel=1e-5)
+    got = siglip_loss(jnp.asarray(img), jnp.asarray(txt), 1.3, 0.7)
+    assert float(got) == pytest.approx(ref_siglip(img, txt, 1.3, 0.7), rel=1e-5)
+
+
+def _region_case():
+    rng = np.random.default_rng(2)
+    b, m, e = 3, 3, 6
+    reg = rng.normal(size=(b, m, e))
+    txt = rng.normal(size=(b, m, e))
+    txt[1, 0] = txt[0, 0] * 2.0  # the same phrase in two images: cos = 1, filtered
+    txt[2, 1] = txt[0, 1] + 0.05 * rng.normal(size=e)  # a near synonym: cos > 0.9
+    valid = np.array([[1, 1, 0], [1, 1, 1], [1, 1, 0]], bool)
+    reg[0, 2] = txt[0, 2] = 0.0  # padded slots may even be all-zero
+    return reg, txt, valid
+
+
+def test_region_text_loss_values_and_gradients_match_reference():
+    reg, txt, valid = _region_case()
+    log_scale = 1.5
+    got = region_text_loss(jnp.asarray(reg), jnp.asarray(txt), jnp.asarray(valid), log_scale)
+    want = ref_region(reg, txt, valid, log_scale, 0.9)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    # filtering is active in this case: without it the loss differs
+    unfiltered = ref_region(reg, txt, valid, log_scale, 1.01)
+    assert abs(unfiltered - want) > 1e-3
+    got_unf = region_text_loss(jnp.asarray(reg), jnp.asarray(txt), jnp.asarray(valid), log_scale, 1.01)
+    assert float(got_unf) == pytest.approx(unfiltered, rel=1e-5)
+
+    # gradients vs central differences of the float64 loop reference
+    grad_fn = _jit(jax.grad(L.region_text_loss, argnums=(0, 1, 3)))
+    g_reg, g_txt, g_scale = grad_fn(
+        jnp.asarray(reg, jnp.float32),
+        jnp.asarray(txt, jnp.float32),
+        jnp.asarray(valid),
+        jnp.float32(log_scale),
+    )
+    h = 1e-5
+    for arr, grad in ((reg, g_reg), (txt, g_txt)):
+        num = np.zeros_like(arr)
+        for idx in np.ndindex(arr.shape):
+            plus, minus = arr.copy(), arr.copy()
+            plus[idx] += h
+            minus[idx] -= h
+            if arr is reg:
+                f = lambda x: ref_region(x, txt, valid, log_scale, 0.9)  # noqa: E731
+            else:
+                f = lambda x: ref_region(reg, x, valid, log_scale, 0.9)  # noqa: E731
+            num[idx] = (f(plus) - f(minus)) / (2 * h)
+        np.testing.assert_allclose(np.asarray(grad), num, rtol=2e-3, atol=2e-5)
+        # padded slots get no gradient
+        assert np.all(np.asarray(grad)[~valid] == 0.0)
+    num_scale = (
+        ref_region(reg, txt, valid, log_scale + h, 0.9) - ref_region(reg, txt, valid, log_scale - h, 0.9)
+    ) / (2 * h)
+    assert float(g_scale) == pytest.approx(num_scale, rel=2e-3)
+
+
+def test_region_text_loss_masks_padding_content():
+    reg, txt, valid = _region_case()
+    base = region_text_loss(jnp.asarray(reg), jnp.asarray(txt), jnp.asarray(valid), 2.0)
+    reg2, txt2 = reg.copy(), txt.copy()
+    reg2[~valid] = 123.0
+    txt2[~valid] = reg[0, 0]  # padded text equal to a valid region's direction
+    other = region_text_loss(jnp.asarray(reg2), jnp.asarray(txt2), jnp.asarray(valid), 2.0)
+    assert float(other) == pytest.approx(float(base), rel=1e-6)
+
+
+def test_zero_region_cases_are_finite():
+    rng = np.random.default_rng(3)
+    reg = jnp.asarray(rng.normal(size=(2, 2, 4)), jnp.float32)
+    txt = jnp.asarray(rng.normal(size=(2, 2, 4)), jnp.float32)
+    none = jnp.zeros((2, 2), bool)
+    loss, grads = _jit(jax.value_and_grad(L.region_text_loss, argnums=(0, 1)))(reg, txt, none, 2.0)
+    assert float(loss) == 0.0
+    assert all(bool(jnp.all(g == 0.0)) for g in grads)
+    # one image without regions: equals the loss over the other image alone
+    one = jnp.asarray([[True, True], [False, False]])
+    got = region_text_loss(reg, txt, one, 2.0)
+    alone = region_text_loss(reg[:1], txt[:1], one[:1], 2.0)
+    assert float(got) == pytest.approx(float(alone), rel=1e-6)
+    g = _jit(jax.grad(L.grounding_loss))(jnp.full((2, 2, 4), 0.5), jnp.full((2, 2, 4), jnp.nan), none)
+    assert float(grounding_loss(jnp.zeros((2, 2, 4)), jnp.ones((2, 2, 4)), none)) == 0.0
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_grounding_loss_matches_reference():
+    rng = np.random.default_rng(4)
+    pred, true = rng.uniform(size=(3, 4, 4)), rng.uniform(size=(3, 4, 4))
+    valid = rng.uniform(size=(3, 4)) > 0.4
+    valid[0, 0] = True
+    true[~valid] = np.nan  # padded targets are never read
+    want = sum(
+        sum((pred[i, j, c] - true[i, j, c]) ** 2 for c in range(4))
+        for i in range(3)
+        for j in range(4)
+        if valid[i, j]
+    ) / (4 * valid.sum())
+    got = grounding_loss(jnp.asarray(pred), jnp.asarray(true), jnp.asarray(valid))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    # all valid: exactly the paper's mean over 4·M·N
+    full = np.ones((3, 4), bool)
+    t2 = np.nan_to_num(true)
+    got = grounding_loss(jnp.asarray(pred), jnp.asarray(t2), jnp.asarray(full))
+    assert float(got) == pytest.approx(float(np.mean((pred - t2) ** 2)), rel=1e-5)
+
+
+def test_region_weight_and_total():
+    valid = jnp.asarray([[True, False], [False, False], [False, True], [False, False]])
+    assert float(region_weight(valid)) == pytest.approx(0.5)
+    assert float(region_weight(jnp.zeros((3, 4), bool))) == 0.0
+    total, metrics = cloc_total(jnp.float32(2.0), jnp.float32(3.0), jnp.float32(0.25), valid)
+    assert float(total) == pytest.approx(2.0 + 0.5 * (3.0 + 0.25))
+    assert float(metrics["lambda"]) == pytest.approx(0.5)
+    assert set(metrics) >= {"loss", "loss_clip", "loss_region", "loss_ground", "lambda"}

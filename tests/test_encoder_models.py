@@ -1,0 +1,298 @@
+"""CLOC encoder models: preset sizes vs HF CLIP, block math, pooling, prompter semantics."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from clocmllm.encoder.config import ConfigError, ModelConfig, load_model_config
+from clocmllm.encoder.models.clip import CLIP, FAST_COMPILE, init_params, param_shapes
+from clocmllm.encoder.models.partitioning import fsdp_spec, param_partition_specs
+from clocmllm.encoder.models.transformer import Block
+from flax.traverse_util import flatten_dict
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Published sizes (OpenAI CLIP B/16, L/14; OpenCLIP H/14): total, vision tower incl. projection.
+KNOWN = {"b16": (149.6e6, 86.2e6), "l14": (427.6e6, 304.3e6), "h14": (986.1e6, 632.1e6)}
+
+
+def _count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _hf_meta_counts(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(vision model, text model, total) parameter counts of the equivalent HF CLIPModel."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.CLIPConfig(
+        vision_config=dict(
+            hidden_size=cfg.vision_width,
+            intermediate_size=cfg.vision_mlp_dim,
+            num_attention_heads=cfg.vision_heads,
+            num_hidden_layers=cfg.vision_layers,
+            patch_size=cfg.patch_size,
+            image_size=cfg.image_size,
+            hidden_act=cfg.hidden_act,
+        ),
+        text_config=dict(
+            hidden_size=cfg.text_width,
+            intermediate_size=cfg.text_mlp_dim,
+            num_attention_heads=cfg.text_heads,
+            num_hidden_layers=cfg.text_layers,
+            vocab_size=cfg.vocab_size,
+            max_position_embeddings=cfg.context_length,
+        ),
+        projection_dim=cfg.embed_dim,
+    )
+    with torch.device("meta"):
+        hf = transformers.CLIPModel(hf_cfg)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return n(hf.vision_model), n(hf.text_model), n(hf)
+
+
+@pytest.mark.parametrize("preset", ["b16", "l14", "h14"])
+def test_preset_param_counts_match_hf_clip(preset):
+    cfg = load_model_config(preset)
+    shapes = param_shapes(cfg)
+    vision = _count({k: v for k, v in shapes["visual"].items() if k != "proj"})
+    text = _count({k: v for k, v in shapes["text"].items() if k != "proj"})
+    total = _count([shapes["visual"], shapes["text"], shapes["logit_scale"]])
+    hf_vision, hf_text, hf_total = _hf_meta_counts(cfg)
+    assert (vision, text, total) == (hf_vision, hf_text, hf_total)
+    known_total, known_vision = KNOWN[preset]
+    assert abs(total - known_total) / known_total < 0.01
+    vision_with_proj = vision + _count(shapes["visual"]["proj"])
+    assert abs(vision_with_proj - known_vision) / known_vision < 0.01
+    # every parameter is float32 even when computing in bfloat16
+    assert {x.dtype for x in jax.tree_util.tree_leaves(shapes)} == {jnp.dtype("float32")}
+
+
+class Jitted:
+    """model.apply(variables, *args, method=name) jitted once per (method, static args).
+
+    Tests run tiny models: compile time dominates, so compile without LLVM optimisation.
+    """
+
+    def __init__(self, module):
+        self.module = module
+        self.cache = {}
+
+    def apply(self, variables, *args, method="__call__"):
+        static = tuple(a for a in args if isinstance(a, bool))
+        arrays = [a for a in args if not isinstance(a, bool)]
+        key = (method, static)
+        if key not in self.cache:
+            fn = lambda v, *xs: self.module.apply(v, *xs, *static, method=method)  # noqa: E731
+            self.cache[key] = jax.jit(fn, compiler_options=FAST_COMPILE)
+        return self.cache[key](variables, *arrays)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_model_config("tiny")
+    model = Jitted(CLIP(cfg))
+    params = init_params(cfg, 0)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(2, cfg.image_size, cfg.image_size, 3)), jnp.float32)
+    ids = rng.integers(4, cfg.vocab_size, size=(2, cfg.context_length)).astype(np.int32)
+    ids[0, 5], ids[1, 9] = cfg.eot_token_id, cfg.eot_token_id
+    return cfg, model, {"params": params}, images, jnp.asarray(ids)
+
+
+def test_param_tree_names(tiny):
+    cfg, _, variables, _, _ = tiny
+    flat = {"/".join(k): v.shape for k, v in flatten_dict(variables["params"]).items()}
+    d, e, p = cfg.vision_width, cfg.embed_dim, cfg.patch_size
+    assert flat["visual/patch_embed/kernel"] == (p, p, 3, d)
+    assert flat["visual/pos_embed"] == (cfg.num_patches + 1, d)
+    assert flat["visual/layer_1/attn/qkv/kernel"] == (d, 3 * d)
+    assert flat["visual/proj/kernel"] == (d, e)
+    assert flat["text/token_embed/embedding"] == (cfg.vocab_size, cfg.text_width)
+    assert flat["prompter/box_embed/corner_embed"] == (2, d)
+    assert flat["prompter/text_in/kernel"] == (e, d)
+    assert flat["ground/fc2/kernel"] == (d, 4)
+    assert flat["logit_scale"] == () and flat["logit_bias"] == ()
+    assert np.isclose(float(variables["params"]["logit_scale"]), np.log(1 / 0.07))
+    assert float(variables["params"]["logit_bias"]) == -10.0
+    assert not any("bias" in k for k in flat if k.endswith("proj/bias"))
+
+
+def test_forward_every_method(tiny):
+    cfg, model, v, images, ids = tiny
+    boxes = jnp.asarray([[[0.1, 0.1, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0], [0.3, 0.2, 0.4, 0.9]]] * 2)
+
+    def every_method(v, images, ids, boxes):  # one compile for all methods
+        m = model.module
+        out = m.apply(v, images, ids)
+        tokens = m.apply(v, images, method="encode_image_tokens")
+        img = m.apply(v, tokens, method="pool_image")
+        txt = m.apply(v, ids, method="encode_text")
+        emb, feat = m.apply(v, tokens, boxes, method="region_embed")
+        temb, tfeat = m.apply(v, tokens, jnp.stack([txt, txt], 1), method="text_prompt_embed")
+        pred = m.apply(v, tfeat, method="ground")
+        return out, tokens, img, txt, emb, feat, temb, tfeat, pred
+
+    run = jax.jit(every_method, compiler_options=FAST_COMPILE)
+    out, tokens, img, txt, emb, feat, temb, tfeat, pred = run(v, images, ids, boxes)
+    assert tokens.shape == (2, cfg.num_patches + 1, cfg.vision_width)
+    np.testing.assert_allclose(out["image_emb"], img, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["text_emb"], txt, rtol=1e-5, atol=1e-5)
+    assert img.shape == txt.shape == (2, cfg.embed_dim)
+    assert emb.shape == (2, 3, cfg.embed_dim) and feat.shape == (2, 3, cfg.vision_width)
+    assert temb.shape == (2, 2, cfg.embed_dim) and tfeat.shape == (2, 2, cfg.vision_width)
+    assert pred.shape == (2, 2, 4)
+    assert bool(jnp.all((pred > 0) & (pred < 1)))
+    for x in (img, txt, emb, temb, pred):
+        assert x.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(x)))
+    # the text-prompted and box-prompted paths differ, and both depend on their prompt
+    assert float(jnp.abs(emb[:, 0] - emb[:, 1]).max()) > 1e-3
+
+
+def _np_layer_norm(x, scale, bias, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+def _np_block(x, p, heads, eps, causal=False):
+    """HF CLIPEncoderLayer written out in numpy, float64, one sequence [T, D]."""
+    t, d = x.shape
+    dh = d // heads
+    h = _np_layer_norm(x, p["ln1"]["scale"], p["ln1"]["bias"], eps)
+    qkv = h @ p["attn"]["qkv"]["kernel"] + p["attn"]["qkv"]["bias"]
+    q, k, v = qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
+    out = np.zeros((t, d))
+    for i in range(heads):
+        sl = slice(i * dh, (i + 1) * dh)
+        s = (q[:, sl] * dh**-0.5) @ k[:, sl].T
+        if causal:
+            s = np.where(np.tri(t, dtype=bool), s, -np.inf)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        out[:, sl] = (a / a.sum(-1, keepdims=True)) @ v[:, sl]
+    x = x + out @ p["attn"]["out"]["kernel"] + p["attn"]["out"]["bias"]
+    h = _np_layer_norm(x, p["ln2"]["scale"], p["ln2"]["bias"], eps)
+    h = h @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"]
+    h = h / (1 + np.exp(-1.702 * h))  # quick_gelu
+    return x + h @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
+
+
+def test_hidden_states_follow_hf_semantics(tiny):
+    cfg, model, v, images, _ = tiny
+    hs = model.apply(v, images, True, method="encode_image_tokens")
+    tokens = model.apply(v, images, method="encode_image_tokens")
+    assert len(hs) == cfg.vision_layers + 1
+    np.testing.assert_array_equal(hs[-1], tokens)
+    # [0] is the embedding after pre-layernorm (init scale 1, bias 0): standardised tokens
+    h0 = np.asarray(hs[0], np.float64)
+    np.testing.assert_allclose(h0.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(h0.std(-1), 1.0, atol=1e-3)
+    # [i] is the output of block i-1, with HF CLIPEncoderLayer's math
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v["params"]["visual"])
+    for i in range(cfg.vision_layers):
+        ref = _np_block(np.asarray(hs[i][1], np.float64), p[f"layer_{i}"], cfg.vision_heads, 1e-5)
+        np.testing.assert_allclose(hs[i + 1][1], ref, rtol=2e-4, atol=2e-4)
+
+
+def test_text_pools_first_eot_and_is_causal(tiny):
+    cfg, model, v, _, ids = tiny
+    base = np.asarray(ids).copy()
+    changed = base.copy()
+    changed[0, 6:] = cfg.eot_token_id  # more EOTs after the first one (at 5) plus other tokens
+    changed[1, 10:] = 7  # tokens after the first EOT (at 9)
+    a = model.apply(v, jnp.asarray(base), method="encode_text")
+    b = model.apply(v, jnp.asarray(changed), method="encode_text")
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    before = base.copy()
+    before[0, 2] = 11  # a token before the EOT does change the embedding
+    c = model.apply(v, jnp.asarray(before), method="encode_text")
+    assert float(jnp.abs(c[0] - a[0]).max()) > 1e-4
+    np.testing.assert_allclose(c[1], a[1], rtol=1e-5, atol=1e-6)
+    # the causal block matches the numpy reference
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), v["params"]["text"])
+    x = np.random.default_rng(1).normal(size=(7, cfg.text_width))
+    block = Block(cfg.text_width, cfg.text_heads, cfg.text_mlp_dim, causal=True)
+    got = Jitted(block).apply({"params": p["layer_0"]}, jnp.asarray(x, jnp.float32)[None])[0]
+    ref = _np_block(x, p["layer_0"], cfg.text_heads, 1e-5, causal=True)
+    np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4)
+
+
+def test_prompter_box_sensitivity_and_padding_independence(tiny):
+    cfg, model, v, images, _ = tiny
+    tokens = model.apply(v, images, method="encode_image_tokens")
+    boxes = np.asarray([[[0.1, 0.1, 0.5, 0.6], [0.2, 0.5, 0.9, 0.95], [0, 0, 0, 0]]] * 2, np.float32)
+    emb, feat = model.apply(v, tokens, jnp.asarray(boxes), method="region_embed")
+    assert float(jnp.abs(emb[:, 0] - emb[:, 1]).max()) > 1e-3  # depends on the box
+    padded = boxes.copy()
+    padded[:, 2] = [0.7, 0.0, 1.0, 0.3]  # change only the padded slot
+    emb2, feat2 = model.apply(v, tokens, jnp.asarray(padded), method="region_embed")
+    np.testing.assert_array_equal(emb[:, :2], emb2[:, :2])
+    np.testing.assert_array_equal(feat[:, :2], feat2[:, :2])
+    assert float(jnp.abs(emb[:, 2] - emb2[:, 2]).max()) > 1e-3
+    # depends on the image too
+    emb3, _ = model.apply(v, tokens[::-1], jnp.asarray(boxes), method="region_embed")
+    assert float(jnp.abs(emb3[0, 0] - emb[1, 0]).max()) < 1e-5
+    assert float(jnp.abs(emb3[0, 0] - emb[0, 0]).max()) > 1e-4
+
+
+def test_prompter_equals_full_sequence_block(tiny):
+    """The prefix shortcut == one block over [image tokens ; prompt tokens], pooled over prompts."""
+    cfg, model, v, images, _ = tiny
+    from clocmllm.encoder.models.prompter import BoxEmbed
+
+    tokens = model.apply(v, images, method="encode_image_tokens")
+    boxes = jnp.asarray([[[0.1, 0.2, 0.5, 0.6], [0.3, 0.3, 0.8, 0.9]]] * 2)
+    _, feat = model.apply(v, tokens, boxes, method="region_embed")
+    pp = v["params"]["prompter"]
+    prompts = Jitted(BoxEmbed(cfg)).apply({"params": pp["box_embed"]}, boxes)  # [B, M, 2, D]
+    block = Block(cfg.vision_width, cfg.prompter_heads, cfg.vision_mlp_dim, act=cfg.hidden_act)
+    # the M sequences of each image, as the contract states them: [B*M, 1+N+2, D]
+    seqs = jnp.concatenate([jnp.repeat(tokens[:, None], 2, axis=1), prompts], axis=2)
+    out = Jitted(block).apply({"params": pp["layer"]}, seqs.reshape(4, *seqs.shape[2:]))
+    pooled = np.asarray(out[:, -2:].mean(1)).reshape(2, 2, -1)
+    ref = _np_layer_norm(pooled, pp["ln"]["scale"], pp["ln"]["bias"], 1e-5)
+    np.testing.assert_allclose(feat, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_compute_and_attention_impls(tiny):
+    cfg, _, v, images, ids = tiny
+    ref = Jitted(CLIP(cfg)).apply(v, images, ids)
+    for changes in ({"dtype": "bfloat16"}, {"attention_impl": "dot_product"}):
+        out = Jitted(CLIP(cfg.replace(**changes))).apply(v, images, ids)
+        tol = 0.1 if changes.get("dtype") == "bfloat16" else 1e-4
+        for key in ("image_emb", "text_emb"):
+            assert out[key].dtype == jnp.float32
+            scale = float(jnp.abs(ref[key]).max())
+            assert float(jnp.abs(out[key] - ref[key]).max()) <= tol * scale, (changes, key)
+
+
+def test_config_yaml_round_trip_and_errors(tmp_path):
+    cfg = load_model_config("tiny", {"vision_layers": 3})
+    assert cfg.vision_layers == 3 and ModelConfig.from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "config.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({"model": cfg.to_dict(), "tokenizer": "tok.json"}))
+    assert load_model_config(path) == cfg
+    path.write_text("image_size: 64\npatch_sise: 8\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml.*patch_sise"):
+        load_model_config(path)
+    with pytest.raises(ConfigError, match="vision_heads"):
+        load_model_config("tiny", {"vision_heads": 5})
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        load_model_config("b17")
+
+
+def test_fsdp_partition_rule():
+    shapes = param_shapes(load_model_config("tiny"))
+    specs = param_partition_specs(shapes, fsdp_size=4, min_elements=4096)
+    flat = flatten_dict(specs)
+    # big matrices are sharded on their largest divisible dim, small leaves replicated
+    assert tuple(flat[("visual", "layer_0", "attn", "qkv", "kernel")]) == (None, "fsdp")
+    assert tuple(flat[("text", "token_embed", "embedding")]) == ("fsdp", None)
+    assert tuple(flat[("visual", "pre_ln", "scale")]) == ()
+    assert tuple(fsdp_spec((3, 5 * 2**14 + 1), 4)) == ()  # nothing divisible -> replicated
+    assert tuple(fsdp_spec((1024, 4096), 1)) == ()

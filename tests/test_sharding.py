@@ -1,0 +1,101 @@
+"""Sharding: the FSDP spec rule, and 8 simulated CPU devices (data x fsdp = 4 x 2) giving the
+same loss and update as one device for the same global batch (subprocess, XLA host devices)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, jax, numpy as np
+    from clocmllm.encoder.config import load_model_config
+    from clocmllm.encoder.models.clip import CLIP
+    from clocmllm.encoder.optimizer import build_optimizer
+    from clocmllm.encoder.sharding import make_mesh, tree_shardings, shard_batch, batch_sharding
+    from clocmllm.encoder.trainer import DEFAULTS, abstract_state, deep_merge, make_train_step
+
+    assert jax.device_count() == 8, jax.devices()
+    micro = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
+                 vision_mlp_dim=64, text_width=32, text_layers=1, text_heads=2, text_mlp_dim=64,
+                 embed_dim=32, context_length=12, prompter_freqs=4)
+    model = CLIP(load_model_config("tiny", micro))
+    cfg = deep_merge(DEFAULTS, {"mode": "cloc", "optim": {"lr": 1e-3, "warmup_steps": 0}})
+    tx, sched = build_optimizer(cfg["optim"], 10)
+    rng = np.random.default_rng(0)
+    B, M, T = 16, 2, 12
+    valid = rng.random((B, M)) < 0.7
+    text = rng.integers(4, 500, (B, T)).astype(np.int32); text[:, 5] = 3
+    rtext = rng.integers(4, 500, (B, M, T)).astype(np.int32); rtext[..., 3] = 3
+    x1 = rng.random((B, M, 2)) * 0.5
+    batch = {"images": rng.normal(size=(B, 32, 32, 3)).astype(np.float32), "text": text,
+             "region_boxes": np.concatenate([x1, x1 + 0.3], -1).astype(np.float32),
+             "region_valid": valid, "region_text": rtext}
+    out = {}
+    for name, devices, mesh_cfg in (("one", jax.devices()[:1], {"data": 1, "fsdp": 1}),
+                                     ("eight", jax.devices(), {"data": 4, "fsdp": 2})):
+        mesh = make_mesh(mesh_cfg, devices)
+        abstract, init = abstract_state(model, tx, 0)
+        sh = tree_shardings(abstract, mesh, min_size=64)
+        state = jax.jit(init, out_shardings=sh)()
+        step = jax.jit(make_train_step(model, tx, sched, cfg), in_shardings=(sh, batch_sharding(mesh)),
+                       out_shardings=(sh, None))
+        new, metrics = step(state, shard_batch(batch, mesh))
+        first = [np.asarray(p).tolist() for p in jax.tree.leaves(new.params)]
+        new, metrics2 = step(new, shard_batch(batch, mesh))
+        kernel = new.params["visual"]["layer_0"]["mlp"]["fc1"]["kernel"]
+        out[name] = {"loss": [float(metrics["loss"]), float(metrics2["loss"])],
+                     "params": first + [np.asarray(p).tolist() for p in jax.tree.leaves(new.params)],
+                     "sharded": str(kernel.sharding.spec), "n_shards": len(kernel.addressable_shards)}
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def test_fsdp_spec_rule():
+    from jax.sharding import PartitionSpec as P
+
+    from clocmllm.encoder.sharding import fsdp_spec
+
+    assert fsdp_spec((64, 256), 2, min_size=16) == P(None, "fsdp")  # largest divisible dim
+    assert fsdp_spec((256, 63), 2, min_size=16) == P("fsdp", None)
+    assert fsdp_spec((63, 33), 2, min_size=16) == P()  # nothing divisible: replicated
+    assert fsdp_spec((8,), 2, min_size=16) == P()  # too small to bother
+    assert fsdp_spec((64, 256), 1) == P()
+
+
+def test_make_mesh_sizes():
+    import jax
+
+    from clocmllm.encoder.sharding import make_mesh
+
+    mesh = make_mesh({"data": -1, "fsdp": 1})
+    assert mesh.axis_names == ("data", "fsdp") and mesh.shape["data"] == jax.device_count()
+    with pytest.raises(ValueError, match="does not match"):
+        make_mesh({"data": 3, "fsdp": 5})
+
+
+def test_eight_devices_match_one_device():
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout[proc.stdout.index("RESULT") + 6 :])
+    one, eight = res["one"], res["eight"]
+    assert eight["n_shards"] == 8 and "fsdp" in eight["sharded"]  # really sharded over fsdp
+    for a, b in zip(one["loss"], eight["loss"], strict=True):
+        assert abs(a - b) < 1e-5, (one["loss"], eight["loss"])
+    import numpy as np
+
+    # parameters after the first and after the second update agree
+    for a, b in zip(one["params"], eight["params"], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+    assert one["loss"][1] != one["loss"][0]  # the update did something
