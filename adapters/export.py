@@ -93,6 +93,19 @@ def _params_tree(params: Any) -> dict:
     return params
 
 
+def _consume_to_device(tree: dict) -> dict:
+    """Replace, in place, every numpy leaf by a JAX array, so each host copy can be freed."""
+    import jax
+
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _consume_to_device(value)
+        else:
+            tree[key] = jax.device_put(value)
+            del value
+    return tree
+
+
 def _tokenizer_file(config: dict, workdir: Path) -> Path | None:
     tok = config.get("tokenizer")
     if isinstance(tok, dict):
@@ -125,9 +138,9 @@ def write_folder(
 ) -> list[str]:
     """Write every file of the export into `tmp`; returns notes for the report."""
     notes: list[str] = []
-    vision = names.jax_to_torch(flat, names.vision_rules(cfg.vision_layers, projection=full_clip))
+    vision = names.jax_to_torch_views(flat, names.vision_rules(cfg.vision_layers, projection=full_clip))
     if full_clip:
-        tensors = {**vision, **names.jax_to_torch(flat, names.text_rules(cfg.text_layers))}
+        tensors = {**vision, **names.jax_to_torch_views(flat, names.text_rules(cfg.text_layers))}
         tensors["logit_scale"] = np.asarray(flat["logit_scale"], np.float32)
         write_json(tmp / "config.json", hf_config.clip_config(cfg, float(flat["logit_scale"])))
         write_safetensors(tmp / "model.safetensors", tensors)
@@ -136,12 +149,13 @@ def write_folder(
         write_safetensors(tmp / "model.safetensors", vision)
     write_json(tmp / "preprocessor_config.json", preprocessor_config(cfg.image_size))
     write_json(tmp / "prompter_config.json", prompter_config(cfg))
-    write_safetensors(tmp / "prompter.safetensors", names.jax_to_torch(flat, names.prompter_rules()))
+    write_safetensors(tmp / "prompter.safetensors", names.jax_to_torch_views(flat, names.prompter_rules()))
     if text and not full_clip:
         (tmp / "text").mkdir()
         write_json(tmp / "text" / "config.json", hf_config.text_config(cfg))
         write_safetensors(
-            tmp / "text" / "model.safetensors", names.jax_to_torch(flat, names.text_rules(cfg.text_layers))
+            tmp / "text" / "model.safetensors",
+            names.jax_to_torch_views(flat, names.text_rules(cfg.text_layers)),
         )
     if text or full_clip:
         dest = tmp / "text" if (text and not full_clip) else tmp
@@ -196,7 +210,14 @@ def export_encoder(
         t_write = time.perf_counter()
         inputs = parity.parity_inputs(cfg.image_size, cfg.embed_dim, n_random, tuple(real_images))
         token_ids = parity.text_inputs(cfg) if (text or full_clip) else None
-        ref = parity.jax_outputs(cfg, _params_tree(params), inputs, token_ids)
+        # Memory: the host copy of each param is dropped as it moves to the JAX device, and
+        # the device copies are dropped before PyTorch loads the folder (peak ~1x weights).
+        del flat
+        tree = _consume_to_device(_params_tree(params))
+        del params
+        ref = parity.jax_outputs(cfg, tree, inputs, token_ids)
+        tree.clear()
+        del tree
         t_jax = time.perf_counter()
         got = parity.torch_outputs(tmp, inputs, token_ids, tmp / "text" if text and not full_clip else None)
         diffs = parity.compare(ref, got)

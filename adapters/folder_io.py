@@ -14,6 +14,7 @@ import ctypes.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,10 +81,46 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """Tensors -> safetensors with `format: pt` (transformers 4.37 refuses files without it)."""
-    from safetensors.numpy import save_file
+_DTYPES = {
+    np.dtype("float32"): "F32",
+    np.dtype("float16"): "F16",
+    np.dtype("float64"): "F64",
+    np.dtype("int64"): "I64",
+    np.dtype("int32"): "I32",
+    np.dtype("bool"): "BOOL",
+}
 
-    save_file(
-        {k: np.require(v, requirements="C") for k, v in tensors.items()}, str(path), metadata={"format": "pt"}
-    )
+
+def write_safetensors(
+    path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
+    """Tensors (any strides) -> a safetensors file, streamed one tensor at a time.
+
+    Why not `safetensors.numpy.save_file`: it first turns every tensor into a bytes copy, so
+    an L/14 export held the params, their transposed copies and those bytes at once (~3x the
+    weights). Here each tensor is made contiguous only while it is written. The layout is
+    the safetensors format (little-endian u64 header length, JSON header with dtype, shape
+    and data_offsets, then the raw data), header padded to 8 bytes as the reference writer
+    does. Metadata defaults to `format: pt`: transformers 4.37 refuses files without it.
+    """
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, value in tensors.items():
+        if value.dtype not in _DTYPES:
+            raise TypeError(f"{name}: dtype {value.dtype} not supported")
+        nbytes = int(value.size) * value.dtype.itemsize
+        header[name] = {
+            "dtype": _DTYPES[value.dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for value in tensors.values():
+            if value.dtype.byteorder == ">":
+                value = value.astype(value.dtype.newbyteorder("<"))
+            fh.write(np.require(value, requirements="C").reshape(-1).data)

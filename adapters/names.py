@@ -186,19 +186,23 @@ def _to_jax_layout(kind: str, values: list[np.ndarray]) -> np.ndarray:
     raise ValueError(f"unknown rule kind {kind!r}")
 
 
-def jax_to_torch(flat: Mapping[str, np.ndarray], rules: list[Rule]) -> dict[str, np.ndarray]:
-    """Apply `rules` to a flat JAX param dict; a missing JAX path is an error naming it.
-
-    Outputs are contiguous copies (safetensors needs contiguous buffers; transposes are views).
-    """
+def jax_to_torch_views(flat: Mapping[str, np.ndarray], rules: list[Rule]) -> dict[str, np.ndarray]:
+    """Apply `rules` to a flat JAX param dict without copying: transposes and splits are numpy
+    views. A writer makes each one contiguous only while writing it (peak memory ~1x the
+    weights, see `folder_io.write_safetensors`). A missing JAX path is an error naming it."""
     out: dict[str, np.ndarray] = {}
     for rule in rules:
         if rule.jax not in flat:
             raise KeyError(f"JAX param {rule.jax!r} missing (needed for {rule.torch[0]!r})")
         parts = _to_torch_layout(rule.kind, np.asarray(flat[rule.jax]), len(rule.torch))
         for name, part in zip(rule.torch, parts, strict=True):
-            out[name] = _contiguous(part)
+            out[name] = part
     return out
+
+
+def jax_to_torch(flat: Mapping[str, np.ndarray], rules: list[Rule]) -> dict[str, np.ndarray]:
+    """`jax_to_torch_views` made contiguous (copies): a plain state dict in torch layout."""
+    return {name: _contiguous(view) for name, view in jax_to_torch_views(flat, rules).items()}
 
 
 def torch_to_jax(state: Mapping[str, np.ndarray], rules: list[Rule]) -> dict[str, np.ndarray]:

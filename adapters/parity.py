@@ -39,8 +39,11 @@ def parity_inputs(
     """Normalised images [B, S, S, 3] (random + letterboxed real photos), boxes, text embeddings."""
     from clocmllm.encoder.preprocess import preprocess_image
     from PIL import Image
-    from skimage import data as skdata
 
+    try:  # scikit-image ships these photos (no download); it is a dev extra, so optional here
+        from skimage import data as skdata
+    except ModuleNotFoundError:
+        skdata, n_random, real = None, n_random + len(real), ()
     rng = np.random.default_rng(seed)
     images = [rng.standard_normal((image_size, image_size, 3)).astype(np.float32) for _ in range(n_random)]
     for name in real:

@@ -148,6 +148,11 @@ def _coerce(key: str, value: Any, kind: type, source: str) -> Any:
             raise ConfigError(f"{source}: field {key!r} must be an integer, got {value!r}")
         return value
     if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: field {key!r} must be a number, got {value!r}")
         return float(value)

@@ -59,7 +59,7 @@ def make_mesh(cfg: Mapping | None = None, devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(data, fsdp), AXES)
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 1024) -> PartitionSpec:
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2**14) -> PartitionSpec:
     """PartitionSpec for one array under the largest-divisible-dimension rule."""
     if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
         return PartitionSpec()
@@ -74,7 +74,7 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 1024) -> Partit
     return PartitionSpec(*spec)
 
 
-def tree_shardings(tree, mesh: Mesh, min_size: int = 1024):
+def tree_shardings(tree, mesh: Mesh, min_size: int = 2**14):
     """NamedShardings for every leaf of a pytree of arrays or ShapeDtypeStructs."""
     fsdp = mesh.shape["fsdp"]
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp, min_size)), tree)

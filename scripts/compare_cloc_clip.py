@@ -21,7 +21,14 @@ from clocmllm.encoder.evaluators import evaluate_checkpoint
 from clocmllm.encoder.trainer import load_recipe, train
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-KEYS = ("image_text_r1", "image_text_r5", "region_retrieval_r1", "region_retrieval_r10", "region_cls_acc", "zero_shot_acc")
+KEYS = (
+    "image_text_r1",
+    "image_text_r5",
+    "region_retrieval_r1",
+    "region_retrieval_r10",
+    "region_cls_acc",
+    "zero_shot_acc",
+)
 
 
 def main() -> None:
@@ -38,7 +45,11 @@ def main() -> None:
         summary = train(cfg, out / mode, data=args.world, steps=args.steps)
         train_s = time.perf_counter() - t0
         metrics = evaluate_checkpoint(out / mode, args.world, split="eval")
-        rows[mode] = {"train_s": round(train_s, 1), "steps": summary["steps"], **{k: round(metrics[k], 4) for k in KEYS}}
+        rows[mode] = {
+            "train_s": round(train_s, 1),
+            "steps": summary["steps"],
+            **{k: round(metrics[k], 4) for k in KEYS},
+        }
         print(mode, json.dumps(rows[mode]), flush=True)
     print(f"{'metric':24s} {'clip(RoI)':>10s} {'cloc':>10s}")
     for k in ("train_s", *KEYS):

@@ -45,12 +45,12 @@ def _ready(venv: Path) -> bool:
         return False
     if (venv / ".clocmllm-complete").exists():
         return True
-    probe = subprocess.run(
-        [str(python), "-c", "import transformers, torch, safetensors; print(transformers.__version__)"],
-        capture_output=True,
-        text=True,
+    # package metadata only: importing torch + transformers would cost seconds per call
+    script = (
+        "from importlib.metadata import version as v; print(v('transformers'), v('torch'), v('safetensors'))"
     )
-    return probe.returncode == 0 and probe.stdout.strip() == "4.37.2"
+    probe = subprocess.run([str(python), "-c", script], capture_output=True, text=True)
+    return probe.returncode == 0 and probe.stdout.split()[:1] == ["4.37.2"]
 
 
 def _pip(python: Path, packages: tuple[str, ...]) -> None:

@@ -155,7 +155,16 @@ def test_import_then_export_is_bit_identical(tmp_path, capsys):
     )
 
     assert (
-        main(["export", "--checkpoint", str(tmp_path / "wd"), "--out", str(tmp_path / "out"), "--full-clip"])
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "wd" / "checkpoints" / "0"),
+                "--out",
+                str(tmp_path / "out"),
+                "--full-clip",
+            ]
+        )
         == 0
     )
     back = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -227,3 +236,21 @@ def test_import_refuses_pickles_and_bad_config(tmp_path):
     with pytest.raises(ImportClipError, match="siglip_vision_model"):
         import_clip(folder, tmp_path / "wd")
     assert not (tmp_path / "wd").exists()
+
+
+def test_streaming_safetensors_writer(tmp_path):
+    """Strided views, 0-d scalars and ints survive the writer; safetensors reads it back."""
+    from clocmllm.adapters.folder_io import write_safetensors
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    tensors = {"t": base.T, "s": np.asarray(2.5, np.float32), "i": np.arange(3), "q": base[:, 2:4]}
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(tensors)
+    for key, value in tensors.items():
+        assert back[key].shape == value.shape and back[key].dtype == value.dtype
+        assert np.array_equal(back[key], value), key
+    with safe_open(str(tmp_path / "x.safetensors"), "np") as f:
+        assert f.metadata() == {"format": "pt"}

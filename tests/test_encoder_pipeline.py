@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from clocmllm.encoder.input_pipeline import (
+    BatchIterator,
+    PipelineConfig,
+    RegionDataset,
+    load_records,
+    sample_regions,
+)
+from clocmllm.encoder.preprocess import letterbox_image, pad_value, preprocess_image
 from PIL import Image, ImageDraw
 
 from clocmllm.data.problems import DataError, ProblemLog
 from clocmllm.data.regions import Region, RegionRecord, write_region_jsonl
-from clocmllm.encoder.input_pipeline import BatchIterator, PipelineConfig, RegionDataset, load_records, sample_regions
-from clocmllm.encoder.preprocess import letterbox_image, pad_value, preprocess_image
 
 RED = (255, 0, 0)
 
@@ -50,7 +56,9 @@ def test_box_covers_same_pixels_after_letterbox(size_wh):
     w, h = size_wh
     box = [0.3 * w, 0.2 * h, 0.7 * w, 0.9 * h]
     im = Image.new("RGB", (w, h), (0, 0, 0))
-    ImageDraw.Draw(im).rectangle([round(box[0]), round(box[1]), round(box[2]) - 1, round(box[3]) - 1], fill=RED)
+    ImageDraw.Draw(im).rectangle(
+        [round(box[0]), round(box[1]), round(box[2]) - 1, round(box[3]) - 1], fill=RED
+    )
     pixels, geom = letterbox_image(im, 64)
     x1, y1, x2, y2 = geom.to_model(box)
     red = (pixels[..., 0] > 128) & (pixels[..., 2] < 100)
@@ -80,7 +88,9 @@ def test_sample_regions_without_replacement():
 
 def test_batch_shapes_padding_and_valid_mask(tmp_path):
     path = make_data(tmp_path)
-    ds = RegionDataset(load_records(path), PipelineConfig(image_size=32, batch_size=6, num_regions=4, seed=1), fake_tokenize)
+    ds = RegionDataset(
+        load_records(path), PipelineConfig(image_size=32, batch_size=6, num_regions=4, seed=1), fake_tokenize
+    )
     b = ds.batch(0)
     assert b["images"].shape == (6, 32, 32, 3) and b["images"].dtype == np.float32
     assert b["text"].shape == (6, 8) and b["region_text"].shape == (6, 4, 8)
@@ -112,14 +122,21 @@ def test_batches_are_a_function_of_seed_and_step(tmp_path):
         for k in got:
             np.testing.assert_array_equal(got[k], seq[s][k])
     it2.close()
-    other = RegionDataset(load_records(path), PipelineConfig(image_size=32, batch_size=3, num_regions=2, seed=8), fake_tokenize)
+    other = RegionDataset(
+        load_records(path), PipelineConfig(image_size=32, batch_size=3, num_regions=2, seed=8), fake_tokenize
+    )
     assert not all(np.array_equal(other.batch(s)["index"], seq[s]["index"]) for s in range(5))
 
 
 def test_corrupt_image_skipped_and_counted(tmp_path):
     path = make_data(tmp_path, n=6, corrupt=(2,))
     problems = ProblemLog()
-    ds = RegionDataset(load_records(path, problems=problems), PipelineConfig(image_size=32, batch_size=6, num_regions=2), fake_tokenize, problems)
+    ds = RegionDataset(
+        load_records(path, problems=problems),
+        PipelineConfig(image_size=32, batch_size=6, num_regions=2),
+        fake_tokenize,
+        problems,
+    )
     b = ds.batch(0)
     assert 2 not in b["index"].tolist() and len(b["index"]) == 6
     assert problems.skipped == 1 and "2.png" in problems.problems[0].file
@@ -131,7 +148,12 @@ def test_corrupt_image_skipped_and_counted(tmp_path):
 def test_corrupt_image_strict_raises(tmp_path):
     path = make_data(tmp_path, n=4, corrupt=(1,))
     problems = ProblemLog(strict=True)
-    ds = RegionDataset(load_records(path, problems=problems), PipelineConfig(image_size=32, batch_size=4), fake_tokenize, problems)
+    ds = RegionDataset(
+        load_records(path, problems=problems),
+        PipelineConfig(image_size=32, batch_size=4),
+        fake_tokenize,
+        problems,
+    )
     with pytest.raises(DataError, match=r"1\.png: image: cannot decode"):
         ds.batch(0)
 

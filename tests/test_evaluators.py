@@ -44,7 +44,10 @@ def test_roi_align_matches_naive_loop():
 
     rng = np.random.default_rng(0)
     fmap = rng.normal(size=(5, 7, 3)).astype(np.float32)
-    boxes = np.asarray([[0.1, 0.2, 0.6, 0.9], [0.0, 0.0, 1.0, 1.0], [0.33, 0.41, 0.38, 0.47], [0.8, 0.1, 0.99, 0.3]], np.float32)
+    boxes = np.asarray(
+        [[0.1, 0.2, 0.6, 0.9], [0.0, 0.0, 1.0, 1.0], [0.33, 0.41, 0.38, 0.47], [0.8, 0.1, 0.99, 0.3]],
+        np.float32,
+    )
     got = np.asarray(roi_align(fmap, boxes, out=3, sampling=2))
     want = np.stack([naive_roi(fmap, b, 3, 2) for b in boxes])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -71,18 +74,22 @@ def test_recall_at_k_text_match():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     import jax
-
-    from clocmllm.data.world import generate_world
     from clocmllm.encoder.checkpoints import save_params
     from clocmllm.encoder.config import load_model_config
     from clocmllm.encoder.input_pipeline import load_records
     from clocmllm.encoder.models.clip import init_params
     from clocmllm.encoder.tokenizer import build_word_tokenizer, tokenizer_overrides
 
+    from clocmllm.data.world import generate_world
+
     root = tmp_path_factory.mktemp("evalckpt")
     generate_world(root / "world", train=0, eval=6, seed=3, image_size=32, progress=False)
     recs = load_records(root / "world", "eval")
-    tok = build_word_tokenizer([r.caption for r in recs] + [g.text for r in recs for g in r.regions], root / "run" / "tokenizer.json", context_length=12)
+    tok = build_word_tokenizer(
+        [r.caption for r in recs] + [g.text for r in recs for g in r.regions],
+        root / "run" / "tokenizer.json",
+        context_length=12,
+    )
     micro = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, vision_mlp_dim=64,
                  text_width=32, text_layers=1, text_heads=2, text_mlp_dim=64, embed_dim=32, prompter_freqs=4)  # fmt: skip
     mc = load_model_config("tiny", {**micro, **tokenizer_overrides(tok)})
@@ -126,4 +133,7 @@ def test_eval_encoder_cli_writes_all_metrics(checkpoint):
     assert m["image_text_r5"] >= m["image_text_r1"] and m["region_retrieval_r10"] >= m["region_retrieval_r1"]
     # image metrics do not depend on the region source; region metrics do
     assert m["image_text_r1"] == results["roi"]["image_text_r1"]
-    assert m["region_retrieval_r10"] != results["roi"]["region_retrieval_r10"] or m["region_cls_acc"] != results["roi"]["region_cls_acc"]
+    assert (
+        m["region_retrieval_r10"] != results["roi"]["region_retrieval_r10"]
+        or m["region_cls_acc"] != results["roi"]["region_cls_acc"]
+    )

@@ -131,11 +131,23 @@ def test_dataset_reads_images_and_reports_bad_ones(tmp_path, mc):
     ds = lcl.LCLDataset(docs, cfg, mc, encode, batch_size=2, seed=0, problems=problems)
     b0, b0_again = ds.batch(0), ds.batch(0)
     assert all(np.array_equal(b0[key], b0_again[key]) for key in b0)
-    assert b0["lm_ids"].shape == (2, 12) and b0["images"].shape == (4, S, S, 3)
+    assert b0["lm_ids"].shape == (2, 12) and b0["images"].shape == (2, S, S, 3)
     assert b0["image_valid"].sum() == 1 and b0["image_contrast"].sum() == 1
     assert any("bad.png" in p.file and p.field == "image" for p in problems.problems)
     with pytest.raises(DataError, match="bad.png"):
         lcl.LCLDataset(docs, cfg, mc, encode, 2, problems=ProblemLog(strict=True)).batch(0)
+
+    # two hosts, one slice each: flat indices address the assembled global arrays
+    good = [docs[0], InterleavedDoc([Segment(image="a.png"), Segment(text="red")], root=str(tmp_path))]
+    parts = [
+        lcl.LCLDataset(good, cfg, mc, encode, 2, process_index=h, process_count=2).batch(3) for h in (0, 1)
+    ]
+    glob = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    assert glob["lm_ids"].shape == (2, 12) and glob["images"].shape == (2, S, S, 3)
+    starts = glob["image_start"][glob["image_valid"]]
+    assert len(starts) == 2 and (glob["lm_ids"].reshape(-1)[starts] == lcl.special_ids(mc).img_start).all()
+    slots = np.unique(glob["lm_image_pos"][glob["lm_image_pos"] >= 0] // mc.num_image_tokens)
+    assert glob["image_valid"][slots].all() and len(slots) == 2
 
 
 # ---------------------------------------------------------------- losses
@@ -230,3 +242,18 @@ def test_config_from_dict():
         lcl.Config.from_dict({"lm": {"width": 64, "heads": 3}})
     with pytest.raises(ValueError, match="exceeds lm.max_len"):
         lcl.Config.from_dict({"seq_len": 512})
+
+
+def test_tiny_recipe_section_parses(mc):
+    import pathlib
+
+    import yaml
+
+    path = pathlib.Path(__file__).parents[1] / "scripts" / "recipes" / "tiny_lcl.yaml"
+    recipe = yaml.safe_load(path.read_text())
+    cfg = lcl.Config.from_dict(recipe["lcl"], str(path))
+    tiny = load_model_config(recipe["model"]["preset"])
+    assert recipe["recipe"] == "lcl" and cfg.seq_len >= tiny.num_image_tokens + 3
+    shapes = jax.eval_shape(lambda: lcl.init_extra_params(jax.random.key(0), tiny, cfg))
+    assert shapes["pos_embed"].shape == (cfg.lm.max_len, cfg.lm.width)
+    assert shapes["img_in"]["kernel"].shape == (tiny.vision_width, cfg.lm.width)

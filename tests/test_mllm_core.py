@@ -48,7 +48,7 @@ def test_geometry_round_trip_and_pixels(mode):
     geom = Geometry(96, 64, 32, mode)
     box = [10.0, 20.0, 50.0, 60.0]
     back = geom.from_grid(geom.to_grid(box))
-    assert max(abs(a - b) for a, b in zip(back, box)) <= 96 / 1000 + 1e-6
+    assert max(abs(a - b) for a, b in zip(back, box, strict=True)) <= 96 / 1000 + 1e-6
     # a white box painted on black lands where to_unit says, in the square the tower sees
     from PIL import Image, ImageDraw
 
@@ -78,7 +78,9 @@ def test_geometry_pad_is_centred():
 def test_roi_align_matches_bilinear_reference():
     torch.manual_seed(0)
     grid = torch.randn(2, 3, 4, 4)
-    boxes = torch.tensor([[[0.1, 0.2, 0.6, 0.9], [0.0, 0.0, 1.0, 1.0]], [[0.3, 0.3, 0.5, 0.7], [0.5, 0.0, 1.0, 0.5]]])
+    boxes = torch.tensor(
+        [[[0.1, 0.2, 0.6, 0.9], [0.0, 0.0, 1.0, 1.0]], [[0.3, 0.3, 0.5, 0.7], [0.5, 0.0, 1.0, 0.5]]]
+    )
 
     def bilinear(img, x, y):  # img [C,H,W], continuous coords with cell centres at i + 0.5
         h, w = img.shape[1:]
@@ -112,7 +114,10 @@ def test_connector_kinds():
     mlp = build_connector("mlp3x_gelu", 8, 16)
     assert [type(m).__name__ for m in mlp] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
     assert set(dict(build_connector("mlp2x_gelu", 8, 16).named_parameters())) == {
-        "0.weight", "0.bias", "2.weight", "2.bias"
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
     }
     with pytest.raises(ValueError, match="unknown connector"):
         build_connector("mlp2x_relu", 8, 16)
@@ -125,7 +130,9 @@ def test_tokenizer_numbers_are_single_tokens(world):
     for n in (0, 7, 123, 999):
         assert len(tok(str(n), add_special_tokens=False)["input_ids"]) == 1
     ids = tok(f"{IMAGE_TOKEN} at [1, 2, 3, 4] {REGION_TOKEN}", add_special_tokens=False)["input_ids"]
-    assert ids[0] == tok.convert_tokens_to_ids(IMAGE_TOKEN) and ids[-1] == tok.convert_tokens_to_ids(REGION_TOKEN)
+    assert ids[0] == tok.convert_tokens_to_ids(IMAGE_TOKEN) and ids[-1] == tok.convert_tokens_to_ids(
+        REGION_TOKEN
+    )
     assert parse_boxes(tok.decode(ids)) == [[1, 2, 3, 4]]
 
 
@@ -138,7 +145,12 @@ def test_templates_mask_all_but_answers(world, template):
             "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
             "{% if add_generation_prompt %}<s> assistant :{% endif %}"
         )
-    turns = [("user", "what is it ?"), ("assistant", "a red circle"), ("user", "where ?"), ("assistant", "[1, 2, 3, 4]")]
+    turns = [
+        ("user", "what is it ?"),
+        ("assistant", "a red circle"),
+        ("user", "where ?"),
+        ("assistant", "[1, 2, 3, 4]"),
+    ]
     segs = templates.segments(template, turns, tok)
     targets = "".join(t for t, is_target in segs if is_target)
     assert "a red circle" in targets and "[1, 2, 3, 4]" in targets and "what is it" not in targets
@@ -218,7 +230,9 @@ def test_tower_from_clip_model_folder(tmp_path):
     torch.manual_seed(0)
     cfg = CLIPConfig(
         vision_config=tiny.TOWER_SIZES["tiny"],
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50),
+        text_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50
+        ),
         projection_dim=8,
     )
     clip = CLIPModel(cfg)
@@ -252,4 +266,25 @@ def test_answer_parser_edge_cases(text, boxes):
 
 def test_normalise_for_referring():
     assert normalise("The  Red circle .") == normalise("red circle") == "red circle"
+    assert (
+        normalise("It is a large blue diamond.")
+        == normalise("the large blue diamond")
+        == "large blue diamond"
+    )
     assert normalise("a red circle") != normalise("a blue circle")
+
+
+def test_tower_region_features_come_from_the_prompter(tmp_path):
+    tower = _tower(tiny.make_tower_folder(tmp_path / "tp", prompter=True))
+    assert tower.region_source == "prompter"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        selected, last = tower(torch.randn(2, 3, 32, 32))
+        boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0], [0.3, 0.2, 0.4, 0.9]]] * 2)
+        feat = tower.region_features(selected, last, boxes)
+        _, want = tower.prompter(last, boxes)
+    assert feat.shape == (2, 3, 32)
+    torch.testing.assert_close(feat, want)
+    assert (feat[0, 0] - feat[0, 1]).abs().max() > 1e-4  # boxes matter
+    roi = _tower(tiny.make_tower_folder(tmp_path / "tp", prompter=True), region="roi_align")
+    assert roi.region_source == "roi_align"

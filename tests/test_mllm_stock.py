@@ -29,7 +29,7 @@ from clocmllm.mllm.model import MllmConfig, build_model
 from clocmllm.mllm.save import load_model, save_model
 from clocmllm.mllm.tokenizer import build_tokenizer
 
-COMPAT_SCRIPT = r'''
+COMPAT_SCRIPT = r"""
 import json, sys
 import torch
 from safetensors.torch import load_file
@@ -55,7 +55,7 @@ print(json.dumps({
     "logits_max_diff": (logits - r["logits"]).abs().max().item() if logits.shape == r["logits"].shape else None,
     "generated": gen[0, ids.shape[1]:].tolist(),
 }))
-'''
+"""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,7 +74,10 @@ def stock(tmp_path_factory):
     tok = build_tokenizer(tiny.conversation_texts(data))
     torch.manual_seed(1)
     model = build_model(
-        MllmConfig(tower={"path": str(tower)}, regions="none", template="v1", llm={"config": tiny.llm_config()}), tok
+        MllmConfig(
+            tower={"path": str(tower)}, regions="none", template="v1", llm={"config": tiny.llm_config()}
+        ),
+        tok,
     ).eval()
     folder = root / "llava"
     assert save_model(model, tok, folder) == "stock"
@@ -87,15 +90,22 @@ def stock(tmp_path_factory):
     single = torch.tensor([tokenize_segments(segs, tok, 1)[0]])
     with torch.no_grad():
         logits = model(input_ids=ids, pixel_values=pixels[None]).logits
-        new = model.generate(ids, pixel_values=pixels[None], max_new_tokens=6, eos_token_id=-1, pad_token_id=0)[0]
+        new = model.generate(
+            ids, pixel_values=pixels[None], max_new_tokens=6, eos_token_id=-1, pad_token_id=0
+        )[0]
     return folder, model, ids, single, pixels[None], logits, new
 
 
 def test_saved_layout_is_legacy(stock):
     folder = stock[0]
     keys = load_file(folder / "model.safetensors").keys()
-    assert all(k.startswith(("vision_tower.vision_model.", "multi_modal_projector.linear_", "language_model.")) for k in keys)
-    assert any(k.startswith("language_model.model.") for k in keys) and "language_model.lm_head.weight" in keys
+    assert all(
+        k.startswith(("vision_tower.vision_model.", "multi_modal_projector.linear_", "language_model."))
+        for k in keys
+    )
+    assert (
+        any(k.startswith("language_model.model.") for k in keys) and "language_model.lm_head.weight" in keys
+    )
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["model_type"] == "llava" and cfg["vision_feature_layer"] == -2
     assert cfg["vision_feature_select_strategy"] == "default"
@@ -124,8 +134,12 @@ def test_stock_transformers_loads_every_weight_and_matches(stock):
     for k, v in file.items():
         assert torch.equal(own[new_name(k)], v), k
     with torch.no_grad():
-        torch.testing.assert_close(llava(input_ids=ids, pixel_values=pixels).logits, logits, atol=1e-5, rtol=1e-5)
-        gen = llava.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False, eos_token_id=-1)
+        torch.testing.assert_close(
+            llava(input_ids=ids, pixel_values=pixels).logits, logits, atol=1e-5, rtol=1e-5
+        )
+        gen = llava.generate(
+            input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False, eos_token_id=-1
+        )
     assert gen[0, ids.shape[1] :].tolist() == new.tolist()
 
 
@@ -152,13 +166,22 @@ def _compat_python() -> str:
 def test_transformers_4_37_loads_every_weight_and_matches(stock, tmp_path):
     folder, _, _, single, pixels, logits, new = stock
     ref = tmp_path / "ref.safetensors"
-    save_file({"input_ids_single": single, "pixel_values": pixels.contiguous(), "logits": logits.contiguous(),
-               "new_tokens": new.contiguous()}, ref)
+    save_file(
+        {
+            "input_ids_single": single,
+            "pixel_values": pixels.contiguous(),
+            "logits": logits.contiguous(),
+            "new_tokens": new.contiguous(),
+        },
+        ref,
+    )
     script = tmp_path / "check.py"
     script.write_text(COMPAT_SCRIPT)
     proc = subprocess.run(
         [_compat_python(), str(script), str(folder), str(ref)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

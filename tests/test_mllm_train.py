@@ -56,7 +56,9 @@ def _recipe(root, tower, data, **train) -> dict:
 def test_stage1_then_stage2_then_generate(setup, capsys):
     root, tower, data = setup
     recipe = root / "stage1.yaml"
-    recipe.write_text(yaml.safe_dump(_recipe(root, tower, data, stage=1, max_steps=2, output_dir=str(root / "s1"))))
+    recipe.write_text(
+        yaml.safe_dump(_recipe(root, tower, data, stage=1, max_steps=2, output_dir=str(root / "s1")))
+    )
     assert cli_main(["finetune", "--config", str(recipe)]) == 0
     s1 = root / "s1" / "model"
     # stage 1 trains the connector only: the LLM stays at its (seeded) initialisation
@@ -67,7 +69,12 @@ def test_stage1_then_stage2_then_generate(setup, capsys):
     m1, tok = load_model(s1)
     set_seed(0)
     fresh = build_model(
-        MllmConfig(tower={"path": str(tower)}, regions="shared", template="v1", llm={"config": tiny.llm_config("qwen2")}),
+        MllmConfig(
+            tower={"path": str(tower)},
+            regions="shared",
+            template="v1",
+            llm={"config": tiny.llm_config("qwen2")},
+        ),
         tok,
     )
     for name, p in fresh.llm.state_dict().items():
@@ -75,9 +82,19 @@ def test_stage1_then_stage2_then_generate(setup, capsys):
     assert (m1.projector[0].weight - fresh.projector[0].weight).abs().max() > 1e-4
 
     # stage 2 from the stage-1 folder, full LLM, until it has learnt the four answers
-    cfg = load_config(None, [f"data.train={data}", f"model.init_from={s1}", "train.stage=2",
-                             "train.max_steps=150", "train.lr=1e-2", "train.batch_size=4", "train.warmup_ratio=0",
-                             f"train.output_dir={root / 's2'}"])
+    cfg = load_config(
+        None,
+        [
+            f"data.train={data}",
+            f"model.init_from={s1}",
+            "train.stage=2",
+            "train.max_steps=150",
+            "train.lr=1e-2",
+            "train.batch_size=4",
+            "train.warmup_ratio=0",
+            f"train.output_dir={root / 's2'}",
+        ],
+    )
     out = finetune(cfg)
     losses = [json.loads(line)["loss"] for line in (root / "s2" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 150 and losses[-1] < 0.05 * losses[0]
@@ -110,8 +127,24 @@ def test_stage1_then_stage2_then_generate(setup, capsys):
     # the CLI one-shot draws the answer's box
     png = root / "answer.png"
     prompt = rec["conversations"][0]["value"].split("\n", 1)[1]
-    assert cli_main(["chat", "--model", str(out), "--image", str(data.parent / rec["image"]),
-                     "--prompt", prompt, "--max-new-tokens", "16", "--out", str(png)]) == 0
+    assert (
+        cli_main(
+            [
+                "chat",
+                "--model",
+                str(out),
+                "--image",
+                str(data.parent / rec["image"]),
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                "16",
+                "--out",
+                str(png),
+            ]
+        )
+        == 0
+    )
     assert f"drawn: {png}" in capsys.readouterr().out and png.stat().st_size > 100
 
 
@@ -155,13 +188,17 @@ def test_lora_merge_keeps_outputs_and_saves_stock(setup, tmp_path):
     _, tower, data = setup
     tok = build_tokenizer(tiny.conversation_texts(data))
     torch.manual_seed(0)
-    model = build_model(MllmConfig(tower={"path": str(tower)}, regions="none", llm={"config": tiny.llm_config()}), tok)
+    model = build_model(
+        MllmConfig(tower={"path": str(tower)}, regions="none", llm={"config": tiny.llm_config()}), tok
+    )
     model.llm = get_peft_model(model.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     for name, p in model.llm.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)  # a LoRA that changes the outputs
     model.eval()
-    batch = collate([ConversationDataset(data, tok, model.tower, template="v1")[i] for i in (1, 3)], tok.pad_token_id)
+    batch = collate(
+        [ConversationDataset(data, tok, model.tower, template="v1")[i] for i in (1, 3)], tok.pad_token_id
+    )
     batch.pop("labels")
     with torch.no_grad():
         before = model(**batch).logits
@@ -176,3 +213,42 @@ def test_lora_merge_keeps_outputs_and_saves_stock(setup, tmp_path):
         after = loaded(**batch).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
     del base
+
+
+def test_lora_with_gradient_checkpointing_through_finetune(setup):
+    root, tower, data = setup
+    recipe = _recipe(
+        root,
+        tower,
+        data,
+        stage=2,
+        max_steps=2,
+        gradient_checkpointing=True,
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    )
+    recipe["model"]["regions"] = "none"
+    recipe["model"]["tower"]["trainable"] = True
+    out = finetune(load_config_dict(recipe, root / "lora"))
+    # merged on save: a stock folder without LoRA tensors, and the tower moved (it trained)
+    assert json.loads((out / "clocmllm_mllm.json").read_text())["kind"] == "stock"
+    weights = load_file(out / "model.safetensors")
+    assert not any("lora" in k for k in weights)
+    start = load_file(tower / "model.safetensors")
+    key = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert (weights["vision_tower." + key] - start[key]).abs().max() > 0
+
+
+def test_config_sets_and_errors(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {train: x.json}\nmodel: {tower: {path: t}}\ntrain: {lr: 3e-3}\n")
+    cfg = load_config(recipe, ["train.batch_size=8", "model.tower.layer=-1", "train.lora={r: 4}"])
+    assert cfg["train"]["lr"] == 3e-3 and cfg["train"]["batch_size"] == 8
+    assert cfg["model"]["tower"]["layer"] == -1 and cfg["model"]["tower"]["feature"] == "patch"
+    assert cfg["train"]["lora"] == {"r": 4}
+    with pytest.raises(ValueError, match="train.lr"):
+        load_config(recipe, ["train.lr=fast"])
+    with pytest.raises(ValueError, match="unknown top-level"):
+        recipe.write_text("data: {train: x}\nmodel: {tower: {path: t}}\ntrian: {}\n")
+        load_config(recipe)
+    with pytest.raises(ValueError, match="data.train"):
+        load_config(None, ["model.tower.path=t"])

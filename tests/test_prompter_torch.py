@@ -40,6 +40,13 @@ def test_prompts_are_independent_and_shapes():
     boxes = torch.rand(2, 3, 4)
     emb, feat = model(tokens, boxes)
     assert emb.shape == (2, 3, 8) and feat.shape == (2, 3, 16)
+    # equal to running the block on each [image tokens ; 2 corner tokens] sequence on its own
+    for i in range(2):
+        for j in range(3):
+            seq = torch.cat([tokens[i], model.box_embed(boxes[i, j])], dim=0)[None]
+            feat_ij = model.ln(model.layer(seq)[0, -2:].mean(dim=0))
+            torch.testing.assert_close(feat[i, j], feat_ij, rtol=0, atol=1e-5)
+            torch.testing.assert_close(emb[i, j], model.proj(feat_ij), rtol=0, atol=1e-5)
     # changing one region (e.g. a padded slot) leaves the others' outputs bit-identical
     boxes2 = boxes.clone()
     boxes2[:, 2] = 0.0

@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -58,9 +60,8 @@ SCRIPT = textwrap.dedent(
 
 
 def test_fsdp_spec_rule():
-    from jax.sharding import PartitionSpec as P
-
     from clocmllm.encoder.sharding import fsdp_spec
+    from jax.sharding import PartitionSpec as P
 
     assert fsdp_spec((64, 256), 2, min_size=16) == P(None, "fsdp")  # largest divisible dim
     assert fsdp_spec((256, 63), 2, min_size=16) == P("fsdp", None)
@@ -71,7 +72,6 @@ def test_fsdp_spec_rule():
 
 def test_make_mesh_sizes():
     import jax
-
     from clocmllm.encoder.sharding import make_mesh
 
     mesh = make_mesh({"data": -1, "fsdp": 1})
@@ -85,8 +85,14 @@ def test_eight_devices_match_one_device():
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
         "JAX_PLATFORMS": "cpu",
+        # persistent compilation cache shared across test runs (keys include flags and versions)
+        "JAX_COMPILATION_CACHE_DIR": str(Path(tempfile.gettempdir()) / "clocmllm-test-jax-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=400
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout[proc.stdout.index("RESULT") + 6 :])
     one, eight = res["one"], res["eight"]

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def setup(tmp_path_factory):
     (root / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
     env = {
         **os.environ,
-        "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
+        # persistent across runs too: the micro step compiles once per machine, not per run
+        "JAX_COMPILATION_CACHE_DIR": str(Path(tempfile.gettempdir()) / "clocmllm-test-jax-cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
         "JAX_PLATFORMS": "cpu",
@@ -91,7 +93,6 @@ def metrics(workdir: Path) -> list[dict]:
 
 def test_decay_mask_excludes_norms_biases_embeddings_scales():
     import jax
-
     from clocmllm.encoder.config import load_model_config
     from clocmllm.encoder.models.clip import param_shapes
     from clocmllm.encoder.optimizer import decay_mask
@@ -130,12 +131,14 @@ def test_sigkill_then_resume_matches_uninterrupted(setup, run_a):
     from clocmllm.encoder.checkpoints import restore_params
 
     workdir = setup[0] / "b"
-    proc = cli(setup, workdir, "--set", "debug.step_delay_s=1.0", wait=False)
+    proc = cli(setup, workdir, "--set", "debug.step_delay_s=0.5", wait=False)
     target = workdir / "checkpoints" / "4"
     deadline = time.time() + 200
     while not target.is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert target.is_dir(), "no checkpoint appeared: " + (proc.stdout.read() if proc.poll() is not None else "")
+    assert target.is_dir(), "no checkpoint appeared: " + (
+        proc.stdout.read() if proc.poll() is not None else ""
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -148,11 +151,15 @@ def test_sigkill_then_resume_matches_uninterrupted(setup, run_a):
     assert step_a == step_b == 8
     import jax
 
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(pa), jax.tree_util.tree_leaves(pb), strict=True):
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(pa), jax.tree_util.tree_leaves(pb), strict=True
+    ):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, err_msg=jax.tree_util.keystr(path))
     steps = [m["step"] for m in metrics(workdir) if "loss" in m]
     assert steps == sorted(set(steps)) and steps[-1] == 8  # resumed history has no duplicates
-    assert [m["loss"] for m in metrics(workdir) if "loss" in m] == pytest.approx([m["loss"] for m in metrics(run_a) if "loss" in m], abs=1e-5)
+    assert [m["loss"] for m in metrics(workdir) if "loss" in m] == pytest.approx(
+        [m["loss"] for m in metrics(run_a) if "loss" in m], abs=1e-5
+    )
 
 
 def test_reference_run_learns_and_writes_outputs(run_a):
@@ -163,7 +170,9 @@ def test_reference_run_learns_and_writes_outputs(run_a):
     assert rows[-1]["loss"] < rows[0]["loss"]  # the tiny model fits its 16 images
     assert (run_a / "loss.png").stat().st_size > 1000
     cfg = yaml.safe_load((run_a / "config.yaml").read_text())
-    assert cfg["model"]["vision_layers"] == 1 and cfg["mode"] == "cloc" and (run_a / cfg["tokenizer"]).is_file()
+    assert (
+        cfg["model"]["vision_layers"] == 1 and cfg["mode"] == "cloc" and (run_a / cfg["tokenizer"]).is_file()
+    )
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup):
@@ -190,3 +199,17 @@ def test_incompatible_resume_is_refused(setup, run_a):
     assert "model.vision_layers (1 -> 2)" in proc.stdout and "mode (cloc -> clip)" in proc.stdout
     assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == before
     assert yaml.safe_load((run_a / "config.yaml").read_text())["model"]["vision_layers"] == 1
+
+
+@pytest.mark.parametrize("name", ["tiny_clip", "tiny_cloc", "b16_cloc", "l14_cloc"])
+def test_recipes_resolve(name):
+    from clocmllm.encoder.trainer import apply_overrides, load_recipe, resolve_config
+
+    root = Path(__file__).resolve().parents[1] / "scripts" / "recipes"
+    cfg = resolve_config(
+        apply_overrides(load_recipe(root / f"{name}.yaml"), ["model.vision_layers=3", "optim.lr=0.1"])
+    )
+    assert cfg["model"]["vision_layers"] == 3 and cfg["optim"]["lr"] == 0.1
+    assert cfg["mode"] == name.split("_")[1] if name.startswith("tiny") else cfg["mode"] == "cloc"
+    with pytest.raises(ValueError, match="unknown key"):
+        resolve_config({**load_recipe(root / f"{name}.yaml"), "optimiser": {}})

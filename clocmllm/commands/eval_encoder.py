@@ -9,7 +9,9 @@ import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a pretrain workdir (latest step) or WORKDIR/checkpoints/STEP")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a pretrain workdir (latest step) or WORKDIR/checkpoints/STEP"
+    )
     parser.add_argument("--data", required=True, help="region JSONL file, shard folder or world folder")
     parser.add_argument("--split", default="eval", help="split folder of a world (default: eval)")
     parser.add_argument("--json", help="write the metrics to this JSON file")

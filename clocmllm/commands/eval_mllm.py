@@ -10,7 +10,9 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved MLLM folder")
-    parser.add_argument("--data", required=True, help="conversation JSON (e.g. WORLD/eval/conversations.json)")
+    parser.add_argument(
+        "--data", required=True, help="conversation JSON (e.g. WORLD/eval/conversations.json)"
+    )
     parser.add_argument("--json", required=True, help="where to write the metrics JSON")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -25,8 +27,14 @@ def run(args: argparse.Namespace) -> int:
     from clocmllm.mllm.save import load_model
 
     model, tok = load_model(args.model)
-    result = evaluate(model, tok, args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                      predictions=args.predictions)
+    result = evaluate(
+        model,
+        tok,
+        args.data,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        predictions=args.predictions,
+    )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

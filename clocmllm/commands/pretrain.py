@@ -9,8 +9,12 @@ import json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training recipe YAML (scripts/recipes/*.yaml)")
-    parser.add_argument("--workdir", required=True, help="run folder; an existing one with checkpoints resumes")
-    parser.add_argument("--data", help="region JSONL file, shard folder or world folder (overrides data.path)")
+    parser.add_argument(
+        "--workdir", required=True, help="run folder; an existing one with checkpoints resumes"
+    )
+    parser.add_argument(
+        "--data", help="region JSONL file, shard folder or world folder (overrides data.path)"
+    )
     parser.add_argument("--steps", type=int, help="total training steps (overrides steps)")
     parser.add_argument(
         "--set",
@@ -20,13 +24,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config entry, dotted key and YAML value, e.g. --set model.vision_layers=2",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (metrics.jsonl is still written)")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no tqdm bar (metrics.jsonl is still written)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from clocmllm.encoder.trainer import IncompatibleCheckpoint, TrainingDiverged, apply_overrides, load_recipe, train
+    from clocmllm.encoder.trainer import (
+        IncompatibleCheckpoint,
+        TrainingDiverged,
+        apply_overrides,
+        load_recipe,
+        train,
+    )
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)

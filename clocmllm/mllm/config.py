@@ -9,7 +9,13 @@ import yaml
 
 DEFAULTS: dict = {
     "model": {
-        "tower": {"path": None, "layer": -2, "feature": "patch", "preprocess": "letterbox", "trainable": False},
+        "tower": {
+            "path": None,
+            "layer": -2,
+            "feature": "patch",
+            "preprocess": "letterbox",
+            "trainable": False,
+        },
         "connector": "mlp2x_gelu",
         "regions": "shared",
         "template": "v1",
@@ -24,6 +30,7 @@ DEFAULTS: dict = {
         "optimizer": "adamw",  # adamw | sgd (sgd makes update-equivalence tests sharp)
         "lr": 2e-4,
         "weight_decay": 0.0,
+        "max_grad_norm": 1.0,  # LLaVA's; 0 disables clipping (DeepSpeed: gradient_clipping)
         "warmup_ratio": 0.03,
         "epochs": 1,
         "max_steps": None,
@@ -90,7 +97,7 @@ def load_config(path: str | Path | None, sets: list[str] | tuple[str, ...] = ())
     return cfg
 
 
-_FLOATS = ("lr", "weight_decay", "warmup_ratio")
+_FLOATS = ("lr", "weight_decay", "warmup_ratio", "max_grad_norm")
 _INTS = ("epochs", "batch_size", "grad_accum", "save_every", "seed", "log_every", "stage")
 
 

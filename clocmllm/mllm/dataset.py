@@ -156,9 +156,7 @@ def prepare_turns(rec: dict, geom) -> tuple[list[templates.Turn], list[list[floa
     return turns, regions
 
 
-def encode_record(
-    rec: dict, root: Path, tokenizer, tower, template: str, max_length: int
-) -> Sample | None:
+def encode_record(rec: dict, root: Path, tokenizer, tower, template: str, max_length: int) -> Sample | None:
     image = None
     width, height = int(rec.get("width") or 0), int(rec.get("height") or 0)
     if rec.get("image"):
@@ -172,7 +170,9 @@ def encode_record(
     if image is not None and not any(IMAGE_TOKEN in t for _, t in turns):
         role, text = turns[0]
         turns[0] = (role, f"{IMAGE_TOKEN}\n{text}")
-    ids, labels = tokenize_segments(templates.segments(template, turns, tokenizer), tokenizer, tower.num_tokens)
+    ids, labels = tokenize_segments(
+        templates.segments(template, turns, tokenizer), tokenizer, tower.num_tokens
+    )
     full = len(ids)
     ids, labels = truncate(ids, labels, tokenizer, max_length)
     if ids is None:
@@ -180,7 +180,9 @@ def encode_record(
     return Sample(ids, labels, image, regions, width, height, {"_full_length": full, "id": rec.get("id")})
 
 
-def tokenize_segments(segs: list[tuple[str, bool]], tokenizer, image_tokens: int) -> tuple[list[int], list[int]]:
+def tokenize_segments(
+    segs: list[tuple[str, bool]], tokenizer, image_tokens: int
+) -> tuple[list[int], list[int]]:
     """Segments -> ids and labels, `<image>` expanded to `image_tokens` copies, BOS first."""
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -225,7 +227,13 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         ids[i, :L], labels[i, :L], mask[i, :L] = b["input_ids"], b["labels"], 1
         r = b["region_boxes"].shape[0]
         boxes[i, :r], box_mask[i, :r] = b["region_boxes"], True
-    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "region_boxes": boxes, "region_mask": box_mask}
+    out = {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "region_boxes": boxes,
+        "region_mask": box_mask,
+    }
     if all("pixel_values" in b for b in batch):
         out["pixel_values"] = torch.stack([b["pixel_values"] for b in batch])
     return out

@@ -4,8 +4,9 @@
   truth, computed in original pixels (the answer's grid box goes back through the model's
   geometry; the truth is the record's pixel box). Unparsable answers count as misses and
   are reported separately (`grounding_unparsable`).
-- `referring_acc`: exact match after normalisation: lower case, punctuation dropped, the
-  articles a/an/the dropped, whitespace collapsed. Our word-level tokenizer decodes with
+- `referring_acc`: exact match after normalisation: lower case, punctuation dropped, a leading
+  "it is" / "this is" / "that is" dropped (the world phrases one description several ways),
+  the articles a/an/the dropped, whitespace collapsed. Our word-level tokenizer decodes with
   spaces around punctuation, so normalising punctuation away is required for a fair match.
 
 Each sample is answered from its first user turn (single-turn evaluation).
@@ -26,8 +27,13 @@ from clocmllm.mllm.inference import ChatSession
 _ARTICLES = {"a", "an", "the"}
 
 
+_LEADS = (("it", "is"), ("this", "is"), ("that", "is"), ("there", "is"))
+
+
 def normalise(text: str) -> str:
     words = re.sub(r"[^\w\s]", " ", text.lower()).split()
+    if tuple(words[:2]) in _LEADS:
+        words = words[2:]
     return " ".join(w for w in words if w not in _ARTICLES)
 
 
@@ -38,14 +44,27 @@ def task_of(rec: dict) -> str:
     return "grounding" if _BOX_RE.search(answer) else "referring"
 
 
-def evaluate(model, tokenizer, data: str | Path, limit: int | None = None, max_new_tokens: int = 32,
-             predictions: str | Path | None = None, progress: bool = True) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    data: str | Path,
+    limit: int | None = None,
+    max_new_tokens: int = 32,
+    predictions: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
     from tqdm.auto import tqdm
 
     data = Path(data)
     records = read_conversations(data)[:limit]
-    counts = {"grounding": 0, "grounding_hits": 0, "grounding_parsed": 0, "grounding_unparsable": 0,
-              "referring": 0, "referring_hits": 0}
+    counts = {
+        "grounding": 0,
+        "grounding_hits": 0,
+        "grounding_parsed": 0,
+        "grounding_unparsable": 0,
+        "referring": 0,
+        "referring_hits": 0,
+    }
     rows = []
     for rec in tqdm(records, disable=not progress, desc="eval"):
         conv = rec["conversations"]
@@ -63,7 +82,9 @@ def evaluate(model, tokenizer, data: str | Path, limit: int | None = None, max_n
             if not pixel_boxes:
                 raise ValueError(f"{data}: record {rec.get('id')}: boxes: needed to evaluate")
             box = pixel_boxes[0]
-            question = _BOX_RE.sub("{box}", question, count=1).replace("<region>", "").replace("{box} ", "{box}")
+            question = (
+                _BOX_RE.sub("{box}", question, count=1).replace("<region>", "").replace("{box} ", "{box}")
+            )
         ans = session.ask(question.strip(), box=box)
         task = task_of(rec)
         row = {"id": rec.get("id"), "task": task, "answer": ans.text, "truth": truth}

@@ -114,7 +114,9 @@ class ChatSession:
         return Answer(text, grid_boxes, pixels, int(new.numel()))
 
 
-def answer(model, tokenizer, image: Image.Image, prompt: str | None, box: list[float] | None = None, **kw) -> Answer:
+def answer(
+    model, tokenizer, image: Image.Image, prompt: str | None, box: list[float] | None = None, **kw
+) -> Answer:
     """One-shot question about an image (see `ChatSession.ask`)."""
     stream = kw.pop("stream", None)
     return ChatSession(model, tokenizer, image, **kw).ask(prompt, box, stream=stream)

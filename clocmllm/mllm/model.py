@@ -105,7 +105,11 @@ class ClocLlava(nn.Module):
             )
         embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), image)
         if self.uses_regions:
-            if region_boxes is None or region_boxes.shape[1] == 0 or not bool(region_mask is None or region_mask.any()):
+            if (
+                region_boxes is None
+                or region_boxes.shape[1] == 0
+                or not bool(region_mask is None or region_mask.any())
+            ):
                 # Same modules on every rank and every step (ZeRO-3 gathers per module call, DDP
                 # expects every trainable parameter in the graph): a dummy box, weighted 0.
                 dummy = selected.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(selected.shape[0], 1, 4)

@@ -203,18 +203,35 @@ class ClocPrompter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, T, Dv] + prompt tokens [B, M, P, Dv] -> (emb [B, M, E], feat [B, M, Dv]).
 
-        Each (image, prompt) pair is its own sequence, so padded prompts cannot affect others.
-        Pooling is the mean over the P prompt-token outputs only (see the JAX docstring).
+        Each (image, prompt) pair is its own sequence [image tokens ; prompt tokens], so padded
+        prompts cannot affect others; pooling is the mean over the P prompt-token outputs only.
+        Only those outputs are computed, against image keys/values computed once per image (the
+        image tokens' own outputs are never read), as the JAX `Block.with_prefix` does: the same
+        numbers as running the block on M concatenated sequences, without copying the image
+        tokens M times.
         """
         b, m, p, d = prompt.shape
-        t = image_tokens.shape[1]
+        layer, attn = self.layer, self.layer.self_attn
+        h = attn.heads
+        dh = d // h
         # compute in the prompter's own dtype (a bf16 tower may feed an fp32 prompter)
-        tokens = image_tokens.to(prompt.dtype)[:, None].expand(b, m, t, d)
-        seq = torch.cat([tokens, prompt], dim=2).reshape(b * m, t + p, d)
-        out = self.layer(seq)[:, t:]
-        feat = self.ln(out.mean(dim=1))
-        emb = self.proj(feat)
-        return emb.reshape(b, m, -1), feat.reshape(b, m, d)
+        tokens = image_tokens.to(prompt.dtype)
+        t = tokens.shape[1]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # [..., L, D] -> [..., H, L, Dh]
+            return x.reshape(*x.shape[:-1], h, dh).transpose(-2, -3)
+
+        hi, hp = layer.layer_norm1(tokens), layer.layer_norm1(prompt)
+        q = heads(attn.q_proj(hp)) * dh**-0.5  # [B, M, H, P, Dh]
+        k_own, v_own = heads(attn.k_proj(hp)), heads(attn.v_proj(hp))  # [B, M, H, P, Dh]
+        k_img, v_img = heads(attn.k_proj(hi))[:, None], heads(attn.v_proj(hi))[:, None]  # [B, 1, H, T, Dh]
+        logits = torch.cat([q @ k_img.transpose(-1, -2), q @ k_own.transpose(-1, -2)], dim=-1)
+        probs = torch.softmax(logits, dim=-1)
+        out = probs[..., :t] @ v_img + probs[..., t:] @ v_own  # [B, M, H, P, Dh]
+        x = prompt + attn.out_proj(out.transpose(-2, -3).reshape(b, m, p, d))
+        x = x + layer.mlp(layer.layer_norm2(x))
+        feat = self.ln(x.mean(dim=2))
+        return self.proj(feat), feat
 
     def forward(self, image_tokens: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Box prompts: boxes `[B, M, 4]` in [0, 1] -> (emb [B, M, E], feat [B, M, Dv])."""

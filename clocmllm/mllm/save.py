@@ -175,7 +175,13 @@ def _image_processor_config(model: ClocLlava) -> dict:
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     """Any folder `save_model` wrote -> (ClocLlava in eval mode, tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+    )
 
     folder = Path(folder)
     meta_file = folder / META_FILE
@@ -197,7 +203,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     tied = {"llm.lm_head.weight"} if getattr(llm.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise ValueError(f"{folder}/model.safetensors: missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{folder}/model.safetensors: missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}"
+        )
     if tied:
         llm.tie_weights()
     return model.to(device).eval(), tokenizer

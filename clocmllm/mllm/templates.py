@@ -34,7 +34,9 @@ def resolve(template: str, tokenizer) -> str:
     return template
 
 
-def segments(template: str, turns: list[Turn], tokenizer, generation_prompt: bool = False) -> list[tuple[str, bool]]:
+def segments(
+    template: str, turns: list[Turn], tokenizer, generation_prompt: bool = False
+) -> list[tuple[str, bool]]:
     """Conversation -> [(text, is_target)]. With `generation_prompt`, ends where the answer starts."""
     template = resolve(template, tokenizer)
     eos = tokenizer.eos_token or ""

@@ -17,18 +17,46 @@ from PIL import Image, ImageDraw
 from clocmllm.boxes import format_box, to_grid
 
 LLM_SIZES = {
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4),
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    ),
 }
 TOWER_SIZES = {
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8),
-    "small": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=3, image_size=224, patch_size=16),
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    ),
+    "small": dict(
+        hidden_size=192,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=3,
+        image_size=224,
+        patch_size=16,
+    ),
 }
 
 
 def llm_config(model_type: str = "llama", size: str = "tiny", **overrides) -> dict:
     """Config dict for `build_llm({"config": ...})`: llama or qwen2, untied embeddings."""
-    cfg = dict(model_type=model_type, vocab_size=1100, max_position_embeddings=1024, tie_word_embeddings=False)
+    cfg = dict(
+        model_type=model_type, vocab_size=1100, max_position_embeddings=1024, tie_word_embeddings=False
+    )
     cfg.update(LLM_SIZES[size])
     cfg.update(overrides)
     return cfg
@@ -113,7 +141,15 @@ def make_conversations(
             ]
             task = "grounding"
         records.append(
-            {"id": f"s{i}", "image": name, "conversations": conv, "task": task, "width": w, "height": h, "boxes": [box]}
+            {
+                "id": f"s{i}",
+                "image": name,
+                "conversations": conv,
+                "task": task,
+                "width": w,
+                "height": h,
+                "boxes": [box],
+            }
         )
     out = folder / "conversations.json"
     out.write_text(json.dumps(records, indent=1))

@@ -68,7 +68,11 @@ def build_tokenizer(texts: Iterable[str], min_count: int = 1):
 def ensure_special_tokens(tokenizer) -> bool:
     """Add `<image>`/`<region>` (and a pad token) to a pretrained tokenizer; True if it grew."""
     before = len(tokenizer)
-    missing = [t for t in (IMAGE_TOKEN, REGION_TOKEN) if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    missing = [
+        t
+        for t in (IMAGE_TOKEN, REGION_TOKEN)
+        if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)
+    ]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
     if tokenizer.pad_token is None:

@@ -62,7 +62,9 @@ def _tokenizer(cfg: dict):
         tok = AutoTokenizer.from_pretrained(path)
         ensure_special_tokens(tok)
         return tok
-    texts = [m["value"] for rec in json.loads(Path(cfg["data"]["train"]).read_text()) for m in rec["conversations"]]
+    texts = [
+        m["value"] for rec in json.loads(Path(cfg["data"]["train"]).read_text()) for m in rec["conversations"]
+    ]
     return build_tokenizer(texts)
 
 
@@ -117,7 +119,9 @@ def _lr_lambda(total: int, warmup: int):
     return f
 
 
-def deepspeed_config(path: str | Path, hidden_size: int, micro_batch: int, grad_accum: int) -> dict:
+def deepspeed_config(
+    path: str | Path, hidden_size: int, micro_batch: int, grad_accum: int, max_grad_norm: float = 1.0
+) -> dict:
     """The JSON with the batch and size "auto" values filled as the HF Trainer fills them.
 
     Accelerate reads sizes from `model.config.hidden_size`, which a composite model has not,
@@ -133,6 +137,7 @@ def deepspeed_config(path: str | Path, hidden_size: int, micro_batch: int, grad_
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch * grad_accum * world,
     }
+    batch["gradient_clipping"] = max_grad_norm
     for key, value in batch.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
@@ -169,8 +174,12 @@ def _accelerator(tc: dict, hidden_size: int):
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         if on_cpu:
             PartialState(backend="gloo")
-        ds = deepspeed_config(tc["deepspeed"], hidden_size, tc["batch_size"], tc["grad_accum"])
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
+        ds = deepspeed_config(
+            tc["deepspeed"], hidden_size, tc["batch_size"], tc["grad_accum"], tc["max_grad_norm"]
+        )
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+            hf_ds_config=ds, gradient_clipping=ds["gradient_clipping"]
+        )
     else:
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
         kwargs["cpu"] = on_cpu
@@ -192,7 +201,11 @@ def finetune(cfg: dict) -> Path:
     if tc["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
     data = ConversationDataset(
-        cfg["data"]["train"], tok, model.tower, template=model.config.template, max_length=cfg["data"]["max_length"]
+        cfg["data"]["train"],
+        tok,
+        model.tower,
+        template=model.config.template,
+        max_length=cfg["data"]["max_length"],
     )
     sampler = EpochSampler(len(data), tc["seed"], tc["shuffle"])
     loader = torch.utils.data.DataLoader(
@@ -255,6 +268,8 @@ def finetune(cfg: dict) -> Path:
             with acc.accumulate(model):
                 loss = model(**batch).loss
                 acc.backward(loss)
+                if tc["max_grad_norm"] and acc.sync_gradients and not tc["deepspeed"]:
+                    acc.clip_grad_norm_(params, tc["max_grad_norm"])
                 opt.step()
                 opt.zero_grad()
             done_in_epoch += 1
@@ -267,8 +282,13 @@ def finetune(cfg: dict) -> Path:
             if step % tc["log_every"] == 0 or step == total:
                 mean_loss = acc.gather(loss.detach().float().reshape(1)).mean().item()
                 if acc.is_main_process:
-                    rec = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": used_lr,
-                           "elapsed_s": round(time.perf_counter() - t0, 3)}
+                    rec = {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": mean_loss,
+                        "lr": used_lr,
+                        "elapsed_s": round(time.perf_counter() - t0, 3),
+                    }
                     with metrics.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
@@ -293,7 +313,9 @@ def _save_ckpt(acc, model, opt, folder: Path, step: int, epoch: int, batches: in
         if acc.is_main_process:
             (folder / "state.json").write_text(json.dumps(state))
     elif acc.is_main_process:
-        save_checkpoint(folder, acc.unwrap_model(model), opt.optimizer if hasattr(opt, "optimizer") else opt, state)
+        save_checkpoint(
+            folder, acc.unwrap_model(model), opt.optimizer if hasattr(opt, "optimizer") else opt, state
+        )
     acc.wait_for_everyone()
 
 

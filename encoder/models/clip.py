@@ -3,7 +3,7 @@
 Why linen (not nnx): params are plain nested dicts, so the Hugging Face name table in
 `clocmllm.adapters` is a flat dict mapping, orbax saves them directly,
 `jax.eval_shape(model.init, ...)` sizes the big presets for free, and a sharding rule
-is a function of (path, shape) (see `clocmllm.encoder.models.partitioning`).
+is a function of each param's shape applied from outside (`clocmllm.encoder.sharding`).
 
 Usage:
     model = CLIP(load_model_config("tiny"))

@@ -67,14 +67,17 @@ class MLP(nn.Module):
 
 
 def _split_heads(qkv: jax.Array, heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """[..., T, 3D] -> three [..., H, T, Dh] (q, k, v blocks, heads contiguous in each)."""
+    """[..., T, 3D] -> three [..., H, T, Dh] (q, k, v blocks, heads contiguous in each).
+
+    Split first, then one transpose per block: its backward is a concatenate. Indexing a
+    [3, ..., H, T, Dh] transpose instead made the attention layer's gradient 1.5x slower on
+    XLA CPU (scripts/bench/bench_encoder_attention.py history in docs/benchmarks.md).
+    """
     *lead, t, three_d = qkv.shape
     dh = three_d // (3 * heads)
-    qkv = qkv.reshape(*lead, t, 3, heads, dh)
     n = len(lead)
-    # one transpose to [3, ..., H, T, Dh]
-    qkv = jnp.moveaxis(qkv, (n + 1, n + 2), (0, n + 1))
-    return qkv[0], qkv[1], qkv[2]
+    perm = (*range(n), n + 1, n, n + 2)  # [..., T, H, Dh] -> [..., H, T, Dh]
+    return tuple(jnp.transpose(a.reshape(*lead, t, heads, dh), perm) for a in jnp.split(qkv, 3, axis=-1))
 
 
 def _merge_heads(x: jax.Array) -> jax.Array:

@@ -33,5 +33,23 @@ Loss (jax side)
         function is unchanged. rocket takes the trainer's CLIP/CLOC loss_fn as
         `base_loss_fn` (the weak-view global term); LCL needs none.
 
+Trainer wiring (what `encoder/trainer.py` needs; not done yet):
+1. DEFAULTS gains `"recipe": "cloc"` (cloc | rocket | lcl), `"rocket": {}`, `"lcl": {}`;
+   `_check_keys` must not descend into `rocket`/`lcl` (their Config.from_dict validates),
+   and `incompatible_keys` compares `recipe` like `mode`.
+2. Params: after `model.init`, `params[R.PARAM_KEY] = R.init_extra_params(key, mc, rcfg)`
+   inside `abstract_state`'s `init` (so eval_shape, shardings and orbax see the subtree).
+3. Loss: `make_train_step` takes the loss_fn instead of building it:
+   rocket: `rocket.make_loss_fn(model, rcfg, make_loss_fn(model, cfg))`;
+   lcl:    `lcl.make_loss_fn(model, lcfg)`.
+4. Data: rocket: `dataset = rocket.RocketDataset(RegionDataset(...), rcfg, tokenize)`;
+   lcl: `docs = paired_to_interleaved(((r.image_path, r.caption) for r in records), seed,
+   image_first_p=lcfg.image_first_p)` (or `read_interleaved_jsonl` for interleaved data),
+   `dataset = lcl.LCLDataset(docs, lcfg, mc, lcl.tokenizer_encode(tok), batch_size, seed,
+   problems, threads, prefetch, jax.process_index(), jax.process_count())`.
+   Both work with `BatchIterator` unchanged; drop `index` as today before `shard_batch`.
+5. Export: the adapters export `visual/` (and the prompter); the `rocket`/`lcl` subtrees are
+   pretraining-only heads and are not exported.
+
 Neither recipe imports torch; the numpy-side builders import no jax.
 """

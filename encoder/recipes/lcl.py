@@ -32,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clocmllm.encoder.config import ModelConfig
+from clocmllm.encoder.input_pipeline import PipelineConfig
 from clocmllm.encoder.losses import l2_normalize, temperature
 from clocmllm.encoder.models.lcl_lm import LCLModel, LMConfig
-from clocmllm.encoder.preprocess import CLIP_MEAN, CLIP_STD, preprocess_image
+from clocmllm.encoder.preprocess import preprocess_image
 from PIL import Image
 
 from clocmllm.data.interleaved import InterleavedDoc
@@ -50,7 +51,10 @@ class Config:
 
     lam: float = 0.1
     seq_len: int = 256  # LM sequence length per document (<= lm.max_len)
-    max_images: int = 0  # images per batch (static shape); 0: 2 x batch size
+    # Images per batch (a static shape: the vision tower runs on all slots, filled or not).
+    # 0: batch size, right for paired data (one image a document); raise it for documents
+    # with several images (an image that finds no slot ends its document).
+    max_images: int = 0
     image_first_p: float = 0.5  # paired -> interleaved: image before its caption
     logit_scale_init: float = math.log(1 / 0.07)
     lm: LMConfig = field(default_factory=LMConfig)
@@ -174,12 +178,17 @@ def build_lcl_batch(
     max_images: int,
     ids: SpecialIds,
     image_shape: tuple[int, int, int],
+    shard: int = 0,
 ) -> dict[str, np.ndarray]:
     """Documents of items -> LM batch arrays (see the module docstring for the layout).
 
     lm_ids i32 [B, L]; lm_image_pos i32 [B, L] (i*K + k, or -1); lm_loss_mask bool [B, L]
     (position t is trained on target ids[t+1]); images f32 [I, S, S, 3]; image_valid [I];
     image_start i32 [I] (b*L + t of `<img>`); image_contrast [I] (valid and t > 0).
+
+    `shard` = this host's index when each host builds its slice of a global batch of
+    equal slices: flat indices are then offset (rows by shard*B, images by shard*I), so
+    they index the assembled global arrays.
     """
     bsz, k = len(docs), tokens_per_image
     lm_ids = np.full((bsz, seq_len), ids.pad, np.int32)
@@ -204,10 +213,10 @@ def build_lcl_batch(
                     break
                 lm_ids[b, t] = ids.img_start
                 lm_ids[b, t + k + 1] = ids.img_end
-                image_pos[b, t + 1 : t + 1 + k] = n_img * k + np.arange(k)
+                image_pos[b, t + 1 : t + 1 + k] = (shard * max_images + n_img) * k + np.arange(k)
                 images[n_img] = value
                 image_valid[n_img] = True
-                image_start[n_img] = b * seq_len + t
+                image_start[n_img] = (shard * bsz + b) * seq_len + t
                 n_img += 1
                 t += k + 2
             else:
@@ -242,8 +251,10 @@ class LCLDataset:
     """Interleaved documents -> LM batches; `batch(step)` is a pure function of (seed, step).
 
     Document order: epoch permutations default_rng([seed, epoch]) as in the region
-    pipeline. An image that fails to decode is reported once to `problems` (DataError if
-    strict) and dropped from its document; the rest of the document stays.
+    pipeline. An image that fails to decode is reported to `problems` (DataError if
+    strict) and dropped from its document; the rest of the document stays. With several
+    hosts each builds its slice (`process_index`) with global flat indices. `.cfg` is a
+    `PipelineConfig`, so the trainer's `BatchIterator` prefetches it unchanged.
     """
 
     def __init__(
@@ -255,24 +266,42 @@ class LCLDataset:
         batch_size: int,
         seed: int = 0,
         problems: ProblemLog | None = None,
-        mean: Sequence[float] = CLIP_MEAN,
-        std: Sequence[float] = CLIP_STD,
+        threads: int = 2,
+        prefetch: int = 2,
+        process_index: int = 0,
+        process_count: int = 1,
     ):
         if not docs:
             raise ValueError("LCLDataset: no documents")
+        if batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} not divisible by {process_count} hosts")
         self.docs = list(docs)
         self.lcl = cfg
         self.model_config = model_config
         self.encode = encode
-        self.batch_size = batch_size
-        self.seed = seed
+        self.cfg = PipelineConfig(
+            image_size=model_config.image_size,
+            batch_size=batch_size,
+            seed=seed,
+            threads=threads,
+            prefetch=prefetch,
+        )
         self.problems = problems if problems is not None else ProblemLog()
-        self.mean, self.std = mean, std
         self.ids = special_ids(model_config)
-        self.max_images = cfg.max_images or 2 * batch_size
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch = batch_size // process_count
+        self.max_images = (cfg.max_images or batch_size) // process_count
+        self._perms: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.docs)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.docs))
+        return self._perms[epoch]
 
     def _items(self, doc: InterleavedDoc) -> list[Item]:
         items: list[Item] = []
@@ -284,20 +313,28 @@ class LCLDataset:
             try:
                 with Image.open(path) as im:
                     im.load()
-                    pixels, _ = preprocess_image(im, self.model_config.image_size, self.mean, self.std)
+                    pixels, _ = preprocess_image(im, self.cfg.image_size, self.cfg.mean, self.cfg.std)
                 items.append(("image", pixels))
             except Exception as err:  # noqa: BLE001 - any decode failure is a data problem
                 self.problems.add(path, None, "image", f"cannot decode image: {err}")
         return items
 
     def batch(self, step: int, pool: ThreadPoolExecutor | None = None) -> dict[str, np.ndarray]:
-        n = len(self.docs)
+        """This host's slice of the global batch at `step` (keys as in `build_lcl_batch`)."""
+        n, bsz = len(self.docs), self.cfg.batch_size
+        first = self.process_index * self.local_batch
         picks = []
-        for i in range(self.batch_size):
-            epoch, slot = divmod(step * self.batch_size + i, n)
-            picks.append(self.docs[int(np.random.default_rng([self.seed, epoch]).permutation(n)[slot])])
+        for i in range(first, first + self.local_batch):
+            epoch, slot = divmod(step * bsz + i, n)
+            picks.append(self.docs[int(self._perm(epoch)[slot])])
         items = list(pool.map(self._items, picks)) if pool is not None else [self._items(d) for d in picks]
-        s = self.model_config.image_size
+        s = self.cfg.image_size
         return build_lcl_batch(
-            items, self.lcl.seq_len, self.model_config.num_image_tokens, self.max_images, self.ids, (s, s, 3)
+            items,
+            self.lcl.seq_len,
+            self.model_config.num_image_tokens,
+            self.max_images,
+            self.ids,
+            (s, s, 3),
+            shard=self.process_index,
         )

@@ -52,7 +52,7 @@ class Config:
     projector_hidden: int = 0  # 0: 4 * embed_dim
     projector_dim: int = 0  # 0: embed_dim
     logit_scale_init: float = math.log(1 / 0.07)
-    region_on_strong: bool = True
+    region_on_strong: bool = True  # CLOC region+ground terms per strong view; false with `mode: clip`
     text_filter: float = 0.9
     augment: StrongAugment = field(default_factory=StrongAugment)
     caption: CaptionAugment = field(default_factory=CaptionAugment)
@@ -145,12 +145,14 @@ def augmented_loss(params: dict, model: nn.Module, batch: dict, cfg: Config) -> 
         if not want_regions:
             out["txt"] = m.encode_text(aug_text)
         else:
-            # augmented captions and region phrases through the text tower as one batch
             bm, mm, t = batch["region_text"].shape
-            texts = jnp.concatenate([aug_text, batch["region_text"].reshape(bm * mm, t)], axis=0)
-            emb = m.encode_text(texts)
-            out["txt"] = emb[: b * n]
-            rtext = emb[b * n :].reshape(bm, 1, mm, -1)
+            phrases = batch["region_text"].reshape(bm * mm, t)
+            if t == aug_text.shape[-1]:  # one text-tower pass for captions and phrases
+                emb = m.encode_text(jnp.concatenate([aug_text, phrases], axis=0))
+                out["txt"], rtext = emb[: b * n], emb[b * n :]
+            else:  # phrases tokenized with a shorter context (input pipeline option)
+                out["txt"], rtext = m.encode_text(aug_text), m.encode_text(phrases)
+            rtext = rtext.reshape(bm, 1, mm, -1)
             rtext = jnp.broadcast_to(rtext, (bm, n, mm, rtext.shape[-1])).reshape(bm * n, mm, -1)
             boxes = batch["aug_region_boxes"].reshape(b * n, mm, 4)
             out["region_emb"], _ = m.region_embed(tokens, boxes)

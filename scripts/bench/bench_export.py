@@ -5,7 +5,7 @@ Expected:  about 3-4 minutes on an idle 2-core machine (most of it making the ra
            checkpoints, which is not timed). Targets: L/14 export <= 30 s on 2 cores, peak
            memory <= 3x the weights.
 Result:    per preset: weight size (whole checkpoint and the vision tower written), export
-           wall time with its split (restore / write / JAX parity / PyTorch parity), peak RSS
+           wall time and CPU seconds with its split (restore / write / JAX parity / PyTorch parity), peak RSS
            of the export process, its RSS after imports (the runtime's own share), and
            (peak - runtime) / checkpoint weights. Peer, in the same script and on the same
            shapes: a plain transformers round trip of the same tower (random init,
@@ -38,6 +38,9 @@ save_params(sys.argv[2], {"model": cfg.to_dict()}, params, 1)
 
 MEASURE = """
 import json, resource, sys, time
+def cpu_s():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
@@ -50,11 +53,11 @@ EXPORT = (
 import jax, torch, transformers  # the runtime, loaded before the baseline reading
 from clocmllm.adapters.export import export_encoder
 base = rss_mb()
-t = time.perf_counter()
+t, c = time.perf_counter(), cpu_s()
 report = export_encoder(sys.argv[1], sys.argv[2], force=True, verbose=False)
-wall = time.perf_counter() - t
+wall, cpu = time.perf_counter() - t, cpu_s() - c
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"wall": wall, "base_mb": base, "peak_mb": peak, "seconds": report["seconds"],
+print(json.dumps({"wall": wall, "cpu": cpu, "base_mb": base, "peak_mb": peak, "seconds": report["seconds"],
                   "max_diff": max(report["parity"]["diffs"].values()),
                   "vision_bytes": report["files"]["model.safetensors"]["bytes"]}))
 """
@@ -70,16 +73,16 @@ from clocmllm.encoder.config import load_model_config
 cfg = load_model_config(sys.argv[1])
 torch.manual_seed(0)
 base = rss_mb()
-t = time.perf_counter()
+t, c = time.perf_counter(), cpu_s()
 model = CLIPVisionModel(CLIPVisionConfig(**vision_config(cfg))).eval()
 model.save_pretrained(sys.argv[2])
 del model
 model = CLIPVisionModel.from_pretrained(sys.argv[2]).eval()
 with torch.no_grad():
     model(pixel_values=torch.randn(4, 3, cfg.image_size, cfg.image_size), output_hidden_states=True)
-wall = time.perf_counter() - t
+wall, cpu = time.perf_counter() - t, cpu_s() - c
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"wall": wall, "base_mb": base, "peak_mb": peak}))
+print(json.dumps({"wall": wall, "cpu": cpu, "base_mb": base, "peak_mb": peak}))
 """
 )
 
@@ -118,13 +121,15 @@ def main() -> None:
     print()
     head = (
         f"{'preset':<6} {'ckpt MB':>8} {'tower MB':>8} {'export s':>9} {'peer s':>7} {'ratio':>6} "
+        f"{'export cpu-s':>12} {'peer cpu-s':>10} "
         f"{'peak MB':>8} {'runtime MB':>10} {'(peak-rt)/ckpt':>14} {'max diff':>9}"
     )
     print(head)
     for preset, weights_mb, exp, peer in rows:
         print(
             f"{preset:<6} {weights_mb:8.0f} {exp['vision_bytes'] / 2**20:8.0f} {exp['wall']:9.1f} "
-            f"{peer['wall']:7.1f} {exp['wall'] / peer['wall']:5.2f}x {exp['peak_mb']:8.0f} "
+            f"{peer['wall']:7.1f} {exp['wall'] / peer['wall']:5.2f}x {exp['cpu']:12.1f} {peer['cpu']:10.1f} "
+            f"{exp['peak_mb']:8.0f} "
             f"{exp['base_mb']:10.0f} {(exp['peak_mb'] - exp['base_mb']) / weights_mb:13.2f}x "
             f"{exp['max_diff']:9.1e}"
         )
@@ -135,7 +140,9 @@ def main() -> None:
     print(
         textwrap.dedent("""
         peer = transformers CLIPVisionModel of the same shape: random init + save_pretrained +
-        from_pretrained + one forward on 4 images. ratio = export / peer wall time.""")
+        from_pretrained + one forward on 4 images. ratio = export / peer wall time.
+        cpu-s = user + system CPU seconds of that process (what load from other jobs does not
+        inflate; on an idle 2-core box wall ~ cpu-s / 2 where both cores are busy).""")
     )
 
 

@@ -65,7 +65,7 @@ def main() -> None:
     lcl_cfg = lcl.Config.from_dict(
         {
             "seq_len": 128,
-            "max_images": 2 * b,
+            "max_images": b,
             "lm": {"width": 128, "layers": 2, "heads": 4, "mlp_dim": 512, "max_len": 128},
         }
     )
@@ -76,7 +76,7 @@ def main() -> None:
         img = ("image", r.normal(size=(s, s, 3)).astype(np.float32))
         txt = ("text", [int(x) for x in ids(t)])
         docs.append([img, txt] if i % 2 else [txt, img])
-    lcl_batch = lcl.build_lcl_batch(docs, 128, mc.num_image_tokens, 2 * b, lcl.special_ids(mc), (s, s, 3))
+    lcl_batch = lcl.build_lcl_batch(docs, 128, mc.num_image_tokens, b, lcl.special_ids(mc), (s, s, 3))
 
     clip_fn = rocket.clip_loss_fn(model)
     cloc_fn = make_loss_fn(model, {**DEFAULTS, "mode": "cloc"})

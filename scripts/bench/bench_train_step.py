@@ -29,6 +29,7 @@ import numpy as np
 
 BATCH = {"tiny": 64, "vit_s16": 32}
 VOCAB, CONTEXT = 1000, 32  # a small vocabulary keeps the embedding table out of the comparison
+REGION_CONTEXT = 16  # the trainer's default data.region_context_length
 
 
 def model_config(preset: str, attention_impl: str = "einsum"):
@@ -36,7 +37,13 @@ def model_config(preset: str, attention_impl: str = "einsum"):
 
     return load_model_config(
         preset,
-        {"vocab_size": VOCAB, "context_length": CONTEXT, "eot_token_id": VOCAB - 1, "pad_token_id": 0, "attention_impl": attention_impl},
+        {
+            "vocab_size": VOCAB,
+            "context_length": CONTEXT,
+            "eot_token_id": VOCAB - 1,
+            "pad_token_id": 0,
+            "attention_impl": attention_impl,
+        },
     )
 
 
@@ -44,7 +51,7 @@ def fake_batch(mc, batch: int, m: int = 4) -> dict:
     rng = np.random.default_rng(0)
     text = rng.integers(1, VOCAB - 1, (batch, CONTEXT)).astype(np.int32)
     text[:, 20] = VOCAB - 1
-    rtext = rng.integers(1, VOCAB - 1, (batch, m, CONTEXT)).astype(np.int32)
+    rtext = rng.integers(1, VOCAB - 1, (batch, m, REGION_CONTEXT)).astype(np.int32)
     rtext[..., 6] = VOCAB - 1
     x1 = rng.random((batch, m, 2)).astype(np.float32) * 0.5
     return {
@@ -58,7 +65,6 @@ def fake_batch(mc, batch: int, m: int = 4) -> dict:
 
 def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
     import jax
-
     from clocmllm.encoder.models.clip import CLIP
     from clocmllm.encoder.optimizer import build_optimizer
     from clocmllm.encoder.trainer import DEFAULTS, abstract_state, deep_merge, make_train_step
@@ -89,7 +95,7 @@ def run_torch(preset: str, steps: int) -> dict:
     import torch
     from transformers import CLIPConfig, CLIPModel
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     mc = model_config(preset)
     common = {"hidden_act": mc.hidden_act, "layer_norm_eps": mc.layer_norm_eps, "attention_dropout": 0.0}
     cfg = CLIPConfig(
@@ -116,7 +122,11 @@ def run_torch(preset: str, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return {"compile_s": times[0] - statistics.median(times[1:]), "step_s": statistics.median(times[1:]), "loss": float(out.loss)}
+    return {
+        "compile_s": times[0] - statistics.median(times[1:]),
+        "step_s": statistics.median(times[1:]),
+        "loss": float(out.loss),
+    }
 
 
 def one(kind: str, preset: str, steps: int) -> None:
@@ -138,13 +148,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads per side (0: all cores); 1 = torch.set_num_threads(1) and single-threaded XLA, "
+        "the fair setting on a loaded box where spinning thread pools fight for cores",
+    )
     ap.add_argument("--one", nargs=2, metavar=("KIND", "PRESET"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         one(args.one[0], args.one[1], args.steps)
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    print(f"cores={os.cpu_count()} load={os.getloadavg()[0]:.1f} steps={args.steps} rounds={args.rounds}")
+    if args.threads:
+        env["BENCH_THREADS"] = str(args.threads)
+        if args.threads == 1:
+            env["XLA_FLAGS"] = (
+                env.get("XLA_FLAGS", "")
+                + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            ).strip()
+    print(
+        f"cores={os.cpu_count()} threads={args.threads or 'all'} load={os.getloadavg()[0]:.1f} steps={args.steps} rounds={args.rounds}"
+    )
     for preset in args.presets:
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
@@ -162,7 +188,9 @@ def main() -> None:
         print(f"  {'variant':22s} {'step ms':>9s} {'vs torch':>9s} {'compile s':>10s} {'peak MB':>8s}")
         for kind, res in best.items():
             ratio = f"{torch_s / res['step_s']:.2f}x" if torch_s else "-"
-            print(f"  {kind:22s} {1000 * res['step_s']:9.1f} {ratio:>9s} {res['compile_s']:10.1f} {res['peak_rss_mb']:8.0f}")
+            print(
+                f"  {kind:22s} {1000 * res['step_s']:9.1f} {ratio:>9s} {res['compile_s']:10.1f} {res['peak_rss_mb']:8.0f}"
+            )
         if "jax:clip:einsum" in best and "jax:cloc:einsum" in best:
             over = best["jax:cloc:einsum"]["step_s"] / best["jax:clip:einsum"]["step_s"] - 1
             print(f"  CLOC step overhead over our CLIP step (M=4): {100 * over:+.1f}%")
