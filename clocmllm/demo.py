@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from clocmllm.cli import COMMANDS, command_module
@@ -28,7 +28,11 @@ RECIPES = REPO / "scripts" / "recipes"
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes and budgets. `full` is tuned for ≤ 15 min on 2 cores, `quick` for ≤ 3 min."""
+    """Sizes and budgets. `full` is tuned for <= 15 min on 2 cores, `quick` for <= 3 min.
+
+    Both recipes of a plan get exactly the same budget (steps, batch, data, seed): the
+    comparison is CLOC's losses against CLIP's, nothing else.
+    """
 
     name: str
     train_images: int
@@ -38,14 +42,23 @@ class DemoPlan:
     pretrain_batch: int
     finetune_stage1_steps: int
     finetune_stage2_steps: int
+    finetune_batch: int = 16
+    finetune_lr: float = 2e-3
+    # MLLM eval samples (None: the whole eval split); encoder eval uses every eval image.
+    eval_mllm_limit: int | None = None
+    num_examples: int = 6
     seed: int = 0
     recipes: tuple[str, ...] = ("clip", "cloc")
 
 
 PLANS = {
     "full": DemoPlan("full", 4000, 300, 64, 1500, 64, 150, 1200),
-    "quick": DemoPlan("quick", 400, 64, 64, 60, 32, 10, 30),
+    "quick": DemoPlan("quick", 200, 32, 64, 30, 16, 5, 30, finetune_batch=8, eval_mllm_limit=32),
 }
+
+# Torch stages: tiny matmuls run far faster on one thread than on two contending OpenMP
+# threads on a loaded 2-core box (docs/mllm.md measures ~40x); JAX keeps its own pool.
+TORCH_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -101,13 +114,16 @@ class Demo:
         self.results[name] = res
         return res
 
-    def cli(self, name: str, *args: str) -> None:
+    def cli(self, name: str, *args: object, env: dict[str, str] | None = None, append: bool = False) -> None:
         """Run `clocmllm <args>` as a subprocess; its output goes to the terminal and a log file."""
         cmd = [sys.executable, "-m", "clocmllm", *map(str, args)]
         self.log("[demo] $ clocmllm " + " ".join(map(str, args)))
         log_path = self.dir / "logs" / f"{name}.log"
-        with open(log_path, "w") as log_file:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        with open(log_path, "a" if append else "w") as log_file:
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=full_env
+            )
             assert proc.stdout is not None
             for line in proc.stdout:
                 log_file.write(line)
@@ -126,14 +142,32 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def run_demo(workdir: str | os.PathLike, quick: bool = False, recipes: tuple[str, ...] | None = None) -> dict:
-    """Run every stage that exists; returns the report (also written to DIR/report.json)."""
+def max_abs_diff(report: dict) -> float:
+    """The export's worst JAX-vs-PyTorch parity difference (fp32), over every checked output."""
+    return float(max(report["parity"]["diffs"].values()))
+
+
+def run_demo(
+    workdir: str | os.PathLike,
+    quick: bool = False,
+    recipes: tuple[str, ...] | None = None,
+    overrides: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run every stage that exists; returns the report (also written to DIR/report.json).
+
+    `overrides` replaces plan fields (e.g. `{"pretrain_steps": 5}`): the test suite runs the
+    quick plan smaller still through it; the CLI does not expose it.
+    """
     from clocmllm.demo_report import build_report, write_report
 
     plan = PLANS["quick" if quick else "full"]
+    changes = dict(overrides or {})
     if recipes:
-        plan = DemoPlan(**{**asdict(plan), "recipes": tuple(recipes)})
-    demo = Demo(workdir, plan)
+        changes["recipes"] = tuple(recipes)
+    if changes:
+        plan = replace(plan, **changes)
+    demo = Demo(workdir, plan, log=log)
     t_start = time.perf_counter()
     world = demo.dir / "world"
 
@@ -160,9 +194,10 @@ def run_demo(workdir: str | os.PathLike, quick: bool = False, recipes: tuple[str
             ("world",),
             lambda recipe=recipe, wd=wd: (
                 demo.cli(
-                    f"pretrain_{recipe}", "pretrain", "--config", RECIPES / f"tiny_{recipe}.yaml", "--workdir", wd,
+                    f"pretrain_{recipe}", "pretrain", "--config", RECIPES / f"demo_{recipe}.yaml", "--workdir", wd,
                     "--data", world, "--steps", plan.pretrain_steps,
-                    "--set", f"batch_size={plan.pretrain_batch}", "--set", f"seed={plan.seed}",
+                    "--set", f"data.batch_size={plan.pretrain_batch}", "--set", f"seed={plan.seed}",
+                    "--set", f"model.image_size={plan.image_size}",
                 )
                 or {"workdir": str(wd)}
             ),
@@ -172,9 +207,9 @@ def run_demo(workdir: str | os.PathLike, quick: bool = False, recipes: tuple[str
             f"export_{recipe}",
             "export",
             (f"pretrain_{recipe}",),
-            lambda recipe=recipe, wd=wd, ex=ex: (
-                demo.cli(f"export_{recipe}", "export", "--checkpoint", wd, "--out", ex, "--force")
-                or {"dir": str(ex), "report": read_json(ex / "export_report.json")}
+            lambda wd=wd, ex=ex, recipe=recipe: (
+                demo.cli(f"export_{recipe}", "export", "--checkpoint", wd, "--out", ex, "--force", env=TORCH_ENV)
+                or {"dir": str(ex), "report": {"max_abs_diff": max_abs_diff(read_json(ex / "export_report.json"))}}
             ),
         )
         ev = demo.dir / f"eval_encoder_{recipe}.json"
@@ -184,8 +219,8 @@ def run_demo(workdir: str | os.PathLike, quick: bool = False, recipes: tuple[str
             (f"pretrain_{recipe}",),
             lambda recipe=recipe, wd=wd, ev=ev: (
                 demo.cli(
-                    f"eval_encoder_{recipe}", "eval", "encoder", "--checkpoint", wd, "--data", world / "eval",
-                    "--json", ev,
+                    f"eval_encoder_{recipe}", "eval", "encoder", "--checkpoint", wd, "--data", world,
+                    "--split", "eval", "--json", ev,
                 )
                 or {"metrics": read_json(ev)}
             ),
@@ -198,32 +233,57 @@ def run_demo(workdir: str | os.PathLike, quick: bool = False, recipes: tuple[str
             f"finetune_{recipe}",
             "finetune",
             (f"export_{recipe}",),
-            lambda recipe=recipe, md=md: (
-                demo.cli(
-                    f"finetune_{recipe}", "finetune", "--config", RECIPES / "mllm_demo.yaml",
-                    "--set", f"tower={demo.dir / f'export_{recipe}'}", "--set", f"data={world / 'train' / 'conversations.json'}",
-                    "--set", f"output_dir={md}", "--set", f"stage1_steps={plan.finetune_stage1_steps}",
-                    "--set", f"stage2_steps={plan.finetune_stage2_steps}", "--set", f"seed={plan.seed}",
-                )
-                or {"dir": str(md / "final")}
-            ),
+            lambda recipe=recipe, md=md: finetune_two_stages(demo, recipe, md, world),
         )
         mv = demo.dir / f"eval_mllm_{recipe}.json"
+        limit = () if plan.eval_mllm_limit is None else ("--limit", plan.eval_mllm_limit)
         demo.stage(
             f"eval_mllm_{recipe}",
             "eval",
             (f"finetune_{recipe}",),
-            lambda recipe=recipe, md=md, mv=mv: (
+            lambda recipe=recipe, md=md, mv=mv, limit=limit: (
                 demo.cli(
-                    f"eval_mllm_{recipe}", "eval", "mllm", "--model", md / "final",
-                    "--data", world / "eval" / "conversations.json", "--json", mv, "--examples", demo.dir / f"examples_{recipe}",
+                    f"eval_mllm_{recipe}", "eval", "mllm", "--model", md / "stage2" / "model",
+                    "--data", world / "eval" / "conversations.json", "--json", mv,
+                    "--examples", demo.dir / f"examples_{recipe}", "--num-examples", plan.num_examples,
+                    "--predictions", demo.dir / f"predictions_{recipe}.jsonl", *limit,
+                    env=TORCH_ENV,
                 )
                 or {"metrics": read_json(mv)}
             ),
         )
 
     # ---------------------------------------------------------------- report
-    total = time.perf_counter() - t_start
-    report = build_report(demo.results, plan, total)
+    report = build_report(demo.results, plan, time.perf_counter() - t_start)
     write_report(demo.dir, report, demo.results)
     return report
+
+
+def finetune_two_stages(demo: Demo, recipe: str, md: Path, world: Path) -> dict:
+    """LLaVA's two stages: 1 trains the connector only (alignment), 2 the connector and LLM.
+
+    Both stages read the same world conversations (the world has no separate caption set);
+    stage 1 is short, so it mostly aligns the connector before the LLM starts to move.
+    """
+    plan = demo.plan
+    common = (
+        "--config", RECIPES / "demo_mllm.yaml",
+        "--set", f"data.train={world / 'train' / 'conversations.json'}",
+        "--set", f"train.seed={plan.seed}", "--set", f"train.batch_size={plan.finetune_batch}",
+        "--set", f"train.lr={plan.finetune_lr}",
+    )  # fmt: skip
+    demo.cli(
+        f"finetune_{recipe}", "finetune", *common,
+        "--set", f"model.tower.path={demo.dir / f'export_{recipe}'}",
+        "--set", "train.stage=1", "--set", f"train.max_steps={plan.finetune_stage1_steps}",
+        "--set", f"train.output_dir={md / 'stage1'}",
+        env=TORCH_ENV,
+    )  # fmt: skip
+    demo.cli(
+        f"finetune_{recipe}", "finetune", *common,
+        "--set", f"model.init_from={md / 'stage1' / 'model'}",
+        "--set", "train.stage=2", "--set", f"train.max_steps={plan.finetune_stage2_steps}",
+        "--set", f"train.output_dir={md / 'stage2'}",
+        env=TORCH_ENV, append=True,
+    )  # fmt: skip
+    return {"dir": str(md / "stage2" / "model")}

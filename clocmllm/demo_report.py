@@ -94,38 +94,59 @@ def targets_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _loss_rows(path: Path) -> tuple[list[int], list[float]]:
+    steps, losses = [], []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if "loss" in row and "step" in row:
+                steps.append(int(row["step"]))
+                losses.append(float(row["loss"]))
+    return steps, losses
+
+
 def plot_curves(workdir: Path, recipes: list[str]) -> list[str]:
-    """Loss curves from each stage's metrics.jsonl, one PNG per kind of run."""
+    """Loss curves from each stage's metrics.jsonl, one PNG per kind of run.
+
+    Fine-tuning runs in two stages (two metrics files); stage 2 is drawn after stage 1 on one
+    step axis, with a dotted line where it starts.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    kinds = {
+        "pretrain": ("pretrain_{}/metrics.jsonl",),
+        "finetune": ("mllm_{}/stage1/metrics.jsonl", "mllm_{}/stage2/metrics.jsonl"),
+    }
     written = []
-    for kind, pattern in (("pretrain", "pretrain_{}/metrics.jsonl"), ("finetune", "mllm_{}/metrics.jsonl")):
+    for kind, patterns in kinds.items():
         fig, ax = plt.subplots(figsize=(6, 3.5))
         plotted = False
         for r in recipes:
-            path = workdir / pattern.format(r)
-            if not path.exists():
-                continue
-            steps, losses = [], []
-            for line in path.read_text().splitlines():
-                row = json.loads(line)
-                if "loss" in row and "step" in row:
-                    steps.append(row["step"])
-                    losses.append(row["loss"])
+            steps, losses, offset = [], [], 0
+            for i, pattern in enumerate(patterns):
+                s, l = _loss_rows(workdir / pattern.format(r))
+                if i and s and r == recipes[0]:
+                    ax.axvline(offset, color="grey", linestyle=":", linewidth=1)
+                steps += [offset + x for x in s]
+                losses += l
+                offset += max(s, default=0)
             if steps:
                 ax.plot(steps, losses, label=r)
                 plotted = True
         if plotted:
             ax.set_xlabel("step")
             ax.set_ylabel("loss")
+            ax.set_yscale("log")
             ax.set_title(f"{kind} loss")
             ax.legend()
             fig.tight_layout()
             out = workdir / f"{kind}_loss.png"
-            fig.savefig(out, dpi=110)
+            tmp = out.with_name(out.stem + ".tmp.png")
+            fig.savefig(tmp, dpi=110, format="png")
+            os.replace(tmp, out)
             written.append(out.name)
         plt.close(fig)
     return written

@@ -35,6 +35,11 @@ log = logging.getLogger("clocmllm.encoder.trainer")
 # ======================================================================== config
 DEFAULTS: dict[str, Any] = {
     "mode": "cloc",  # clip | cloc
+    # cloc: the mode's own objective; rocket / lcl: the recipes of `clocmllm.encoder.recipes`
+    # (their YAML sections below are validated by the recipe's Config.from_dict)
+    "recipe": "cloc",
+    "rocket": {},
+    "lcl": {},
     "loss": "softmax",  # softmax (InfoNCE) | sigmoid (SigLIP)
     "seed": 0,
     "steps": 1000,
@@ -139,6 +144,8 @@ def resolve_config(config: Mapping, data: str | None = None, steps: int | None =
         cfg["steps"] = int(steps)
     if cfg["mode"] not in ("clip", "cloc"):
         raise ValueError(f"mode: {cfg['mode']!r} must be 'clip' or 'cloc'")
+    if cfg["recipe"] not in ("cloc", "rocket", "lcl"):
+        raise ValueError(f"recipe: {cfg['recipe']!r} must be 'cloc', 'rocket' or 'lcl'")
     if cfg["loss"] not in ("softmax", "sigmoid"):
         raise ValueError(f"loss: {cfg['loss']!r} must be 'softmax' or 'sigmoid'")
     model = {"preset": cfg["model"]} if isinstance(cfg["model"], str) else dict(cfg["model"])
@@ -155,7 +162,11 @@ def _check_keys(cfg: Mapping, ref: Mapping, prefix: str) -> None:
     for k, v in cfg.items():
         if k not in ref:
             raise ValueError(f"config: unknown key {prefix}{k!r}; known: {sorted(ref)}")
-        if isinstance(v, Mapping) and isinstance(ref[k], Mapping) and k not in ("model", "optim"):
+        if (
+            isinstance(v, Mapping)
+            and isinstance(ref[k], Mapping)
+            and k not in ("model", "optim", "rocket", "lcl")
+        ):
             _check_keys(v, ref[k], f"{prefix}{k}.")
 
 
@@ -164,6 +175,8 @@ def incompatible_keys(saved: Mapping, new: Mapping) -> list[str]:
     diffs = (
         [f"mode ({saved.get('mode')} -> {new.get('mode')})"] if saved.get("mode") != new.get("mode") else []
     )
+    if saved.get("recipe", "cloc") != new.get("recipe", "cloc"):
+        diffs.append(f"recipe ({saved.get('recipe', 'cloc')} -> {new.get('recipe', 'cloc')})")
     if saved.get("loss") != new.get("loss"):
         diffs.append(f"loss ({saved.get('loss')} -> {new.get('loss')})")
     sm, nm = saved.get("model", {}), new.get("model", {})
@@ -204,7 +217,7 @@ def build_tokenizer(cfg: dict, records, workdir: Path):
     cfg["model"] = ModelConfig.from_dict({**cfg["model"], **over}).to_dict()
     rctx = min(int(cfg["data"]["region_context_length"] or ctx), ctx)
     region_tok = Tokenizer.from_file(tok.source, context_length=rctx)
-    return tok.encode_batch, region_tok.encode_batch
+    return tok.encode_batch, region_tok.encode_batch, tok
 
 
 def _world_words(path) -> list[str]:
@@ -279,12 +292,16 @@ def make_loss_fn(model, cfg: dict):
 
 
 # ======================================================================== step
-def make_train_step(model, tx, schedule, cfg: dict):
-    """(state, batch) -> (state, metrics); the caller jits it with shardings."""
+def make_train_step(model, tx, schedule, cfg: dict, loss_fn=None):
+    """(state, batch) -> (state, metrics); the caller jits it with shardings.
+
+    `loss_fn(params, batch) -> (loss, metrics)` defaults to `make_loss_fn(model, cfg)`;
+    the rocket / LCL recipes pass their own.
+    """
     import jax
     import optax
 
-    loss_fn = make_loss_fn(model, cfg)
+    loss_fn = loss_fn or make_loss_fn(model, cfg)
 
     def train_step(state, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -303,13 +320,20 @@ def make_train_step(model, tx, schedule, cfg: dict):
 
 
 # ======================================================================== state creation / resumption
-def abstract_state(model, tx, seed: int):
-    """ShapeDtypeStruct tree of the TrainState (nothing allocated)."""
+def abstract_state(model, tx, seed: int, recipe=None):
+    """ShapeDtypeStruct tree of the TrainState (nothing allocated), and its init function.
+
+    `recipe = (module, recipe_config)` adds that recipe's params under `module.PARAM_KEY`.
+    """
     import jax
     from clocmllm.encoder.train_state import new_state
 
     def init():
         params = model.init(jax.random.PRNGKey(seed), *model.dummy_inputs(1))["params"]
+        if recipe is not None:
+            mod, rcfg = recipe
+            extra = mod.init_extra_params(jax.random.PRNGKey(seed + 2), model.config, rcfg)
+            params = {**params, mod.PARAM_KEY: extra}
         return new_state(params, tx, seed)
 
     return jax.eval_shape(init), init
@@ -408,7 +432,7 @@ def train(
         raise ValueError("no training data: give data.path in the config or --data DIR")
     problems = ProblemLog(strict=bool(cfg["data"]["strict"]))
     records = load_records(cfg["data"]["path"], cfg["data"]["split"], problems)
-    tokenize, tokenize_regions = build_tokenizer(
+    tokenize, tokenize_regions, tok = build_tokenizer(
         cfg, records, workdir
     )  # sets cfg['tokenizer'], vocab/eot/pad
     saved = ck.read_config(workdir)
@@ -433,7 +457,8 @@ def train(
     total = int(cfg["steps"])
     tx, schedule = build_optimizer(cfg["optim"], total)
     mesh = make_mesh(cfg["mesh"])
-    abstract, init = abstract_state(model, tx, int(cfg["seed"]))
+    recipe = _recipe(cfg)
+    abstract, init = abstract_state(model, tx, int(cfg["seed"]), recipe)
     shardings = _state_shardings(abstract, mesh)
     if start is not None:
         target = jax.tree.map(
@@ -465,12 +490,25 @@ def train(
     dataset = RegionDataset(
         records, pcfg, tokenize, problems, jax.process_index(), jax.process_count(), tokenize_regions
     )
+    if cfg["recipe"] == "rocket":
+        dataset = recipe[0].RocketDataset(dataset, recipe[1], tokenize)
+    elif cfg["recipe"] == "lcl":
+        from clocmllm.data.interleaved import paired_to_interleaved
+
+        mod, lcfg = recipe
+        docs = paired_to_interleaved(
+            ((r.image_path, r.caption) for r in records), pcfg.seed, image_first_p=lcfg.image_first_p
+        )
+        dataset = mod.LCLDataset(
+            docs, lcfg, mc, mod.tokenizer_encode(tok), pcfg.batch_size, pcfg.seed, problems,
+            pcfg.threads, pcfg.prefetch, jax.process_index(), jax.process_count(),
+        )  # fmt: skip
     eval_records = _eval_records(cfg)
 
     # ---- step
     bs = batch_sharding(mesh)
     step_fn = jax.jit(
-        make_train_step(model, tx, schedule, cfg),
+        make_train_step(model, tx, schedule, cfg, _recipe_loss(model, cfg, recipe)),
         in_shardings=(shardings, bs),
         out_shardings=(shardings, None),
         donate_argnums=(0,),
@@ -552,6 +590,26 @@ def train(
         "wall_s": time.perf_counter() - t_start,
         "skipped_images": problems.skipped,
     }
+
+
+def _recipe(cfg: dict):
+    """(recipe module, its Config) for `recipe: rocket | lcl`; None for plain CLIP/CLOC."""
+    if cfg["recipe"] == "cloc":
+        return None
+    from clocmllm.encoder.recipes import lcl, rocket
+
+    mod = {"rocket": rocket, "lcl": lcl}[cfg["recipe"]]
+    return mod, mod.Config.from_dict(cfg[cfg["recipe"]] or None, source=f"config {cfg['recipe']}:")
+
+
+def _recipe_loss(model, cfg: dict, recipe):
+    """The recipe's loss_fn (rocket wraps the mode's CLIP/CLOC loss as its global term)."""
+    if recipe is None:
+        return None
+    mod, rcfg = recipe
+    if cfg["recipe"] == "rocket":
+        return mod.make_loss_fn(model, rcfg, make_loss_fn(model, cfg))
+    return mod.make_loss_fn(model, rcfg)
 
 
 def _eval_records(cfg: dict):

@@ -213,3 +213,41 @@ def test_recipes_resolve(name):
     assert cfg["mode"] == name.split("_")[1] if name.startswith("tiny") else cfg["mode"] == "cloc"
     with pytest.raises(ValueError, match="unknown key"):
         resolve_config({**load_recipe(root / f"{name}.yaml"), "optimiser": {}})
+
+
+@pytest.mark.parametrize(
+    ("recipe", "extra", "metric"),
+    [
+        ("rocket", ["--set", "rocket.num_views=1"], "rocket_aug_loss"),
+        (
+            "lcl",
+            [
+                "--set",
+                "mode=clip",
+                "--set",
+                "lcl.max_images=8",
+                "--set",
+                "lcl.seq_len=48",
+                "--set",
+                "lcl.lm.max_len=48",
+                "--set",
+                "lcl.lm.width=32",
+                "--set",
+                "lcl.lm.mlp_dim=64",
+                "--set",
+                "lcl.lm.layers=1",
+            ],
+            "lcl_lm_loss",
+        ),  # fmt: skip
+    ],
+)
+def test_recipes_run_through_the_trainer(setup, recipe, extra, metric):
+    from clocmllm.encoder.checkpoints import restore_params
+
+    workdir = setup[0] / recipe
+    proc = cli(setup, workdir, "--set", f"recipe={recipe}", "--steps", "2", *extra)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [m for m in metrics(workdir) if "loss" in m]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r[metric]) for r in rows)
+    cfg, params, step = restore_params(workdir)
+    assert step == 2 and cfg["recipe"] == recipe and recipe in params and "visual" in params

@@ -22,9 +22,9 @@ import yaml
 
 torch = pytest.importorskip("torch")
 
+from browser import browser_page
 from PIL import Image
 
-from browser import browser_page
 from clocmllm.boxes import iou
 from clocmllm.commands.serve import make_responder
 from clocmllm.mllm import tiny
@@ -42,10 +42,20 @@ def grounding_model(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         recipe = {
-            "model": {"tower": {"path": str(tower)}, "regions": "shared", "llm": {"config": tiny.llm_config("qwen2")}},
+            "model": {
+                "tower": {"path": str(tower)},
+                "regions": "shared",
+                "llm": {"config": tiny.llm_config("qwen2")},
+            },
             "data": {"train": str(data), "max_length": 128},
-            "train": {"stage": 2, "max_steps": 150, "lr": 1e-2, "batch_size": 4, "warmup_ratio": 0.0,
-                      "output_dir": str(root / "model")},
+            "train": {
+                "stage": 2,
+                "max_steps": 150,
+                "lr": 1e-2,
+                "batch_size": 4,
+                "warmup_ratio": 0.0,
+                "output_dir": str(root / "model"),
+            },
         }
         (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
         cfg = load_config(str(root / "recipe.yaml"), [])

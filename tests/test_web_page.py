@@ -17,11 +17,10 @@ import urllib.request
 
 import numpy as np
 import pytest
+from browser import browser_page
 from PIL import Image
 
-from clocmllm.web.server import make_server, parse_chat_request, ChatRequestError
-
-from browser import browser_page
+from clocmllm.web.server import ChatRequestError, make_server, parse_chat_request
 
 
 def _png_bytes(w=64, h=48, colour=(30, 160, 60)) -> bytes:
@@ -102,7 +101,9 @@ def test_page_draws_user_and_answer_boxes(server, tmp_path):
         page.click("#ask")
         page.wait_for_function("document.getElementById('canvas').dataset.answerBoxes === '1'", timeout=10000)
         page.screenshot(path=str(tmp_path / "page.png"))
-        pixels = np.asarray(Image.open(io.BytesIO(page.locator("#canvas").screenshot())).convert("RGB")).astype(int)
+        pixels = np.asarray(
+            Image.open(io.BytesIO(page.locator("#canvas").screenshot())).convert("RGB")
+        ).astype(int)
     assert calls and calls[-1][2] == pytest.approx(typed, abs=0.6)
     red = (pixels[..., 0] > 180) & (pixels[..., 1] < 100) & (pixels[..., 2] < 100)
     assert red.sum() > 100, "the answer box was not drawn in red on the canvas"

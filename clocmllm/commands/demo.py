@@ -30,9 +30,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"  - {msg}")
     failed = [n for n, s in report["stages"].items() if s["status"] == "failed"]
     print(f"\nReport: {args.workdir}/report.md and report.json")
-    cloc_model = f"{args.workdir}/mllm_cloc/final"
+    cloc_model = f"{args.workdir}/mllm_cloc/stage2/model"
     if report["stages"].get("finetune_cloc", {}).get("status") == "done":
-        print(f"Chat with the result:\n  clocmllm chat --model {cloc_model} --image {args.workdir}/world/eval/images/000000.png")
+        image = f"{args.workdir}/world/eval/images/000000.png"
+        print(f"Chat with the result:\n  clocmllm chat --model {cloc_model} --image {image} --prompt 'Locate the ring.'")
         print(f"  clocmllm serve --model {cloc_model}")
     if failed:
         print(f"\nFailed stages: {', '.join(failed)} (logs in {args.workdir}/logs/)")

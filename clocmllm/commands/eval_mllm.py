@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--predictions", default=None, help="optional JSONL of per-sample answers")
+    parser.add_argument(
+        "--examples", default=None, help="folder for PNGs of grounding samples (truth green, prediction red)"
+    )
+    parser.add_argument("--num-examples", type=int, default=8, help="how many example PNGs to draw")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         predictions=args.predictions,
+        examples=args.examples,
+        num_examples=args.num_examples,
     )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

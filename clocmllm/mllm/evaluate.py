@@ -37,6 +37,26 @@ def normalise(text: str) -> str:
     return " ".join(w for w in words if w not in _ARTICLES)
 
 
+def draw_example(image: Image.Image, truth, pred, out: Path, min_side: int = 256) -> Path:
+    """One grounding example as PNG: truth box green, predicted box red (atomic write).
+
+    Tiny world images are upscaled (nearest) to `min_side` so the boxes stay readable.
+    """
+    from PIL import ImageDraw
+
+    scale = max(1, -(-min_side // min(image.size)))
+    canvas = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(canvas)
+    for box, colour in ((truth, "lime"), (pred, "red")):
+        if box is not None:
+            draw.rectangle([float(c) * scale for c in box], outline=colour, width=2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(out)
+    return out
+
+
 def task_of(rec: dict) -> str:
     if rec.get("task") in ("referring", "grounding"):
         return rec["task"]
@@ -52,7 +72,14 @@ def evaluate(
     max_new_tokens: int = 32,
     predictions: str | Path | None = None,
     progress: bool = True,
+    examples: str | Path | None = None,
+    num_examples: int = 8,
 ) -> dict:
+    """Answer each record's first user turn and score it (see the module docstring).
+
+    `examples`: a folder that receives PNGs of the first `num_examples` grounding samples,
+    truth in green, prediction in red (none drawn when unparsable), for reports.
+    """
     from tqdm.auto import tqdm
 
     data = Path(data)
@@ -93,6 +120,9 @@ def evaluate(
             gt = pixel_boxes[boxes_before] if len(pixel_boxes) > boxes_before else None
             if gt is None:
                 raise ValueError(f"{data}: record {rec.get('id')}: boxes: no ground-truth box for the answer")
+            if examples is not None and counts["grounding"] <= num_examples:
+                pred = ans.pixel_boxes[0] if ans.pixel_boxes else None
+                draw_example(image, gt, pred, Path(examples) / f"{counts['grounding'] - 1:03d}_{rec.get('id')}.png")
             if ans.pixel_boxes:
                 counts["grounding_parsed"] += 1
                 row["iou"] = iou(ans.pixel_boxes[0], gt)

@@ -97,7 +97,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         length = int(self.headers.get("Content-Length") or 0)
         if length <= 0 or length > MAX_UPLOAD_BYTES:
-            self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"upload must be 1 B to {MAX_UPLOAD_BYTES} B"})
+            self._json(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"upload must be 1 B to {MAX_UPLOAD_BYTES} B"}
+            )
             return
         try:
             image, prompt, box = parse_chat_request(self.rfile.read(length))
@@ -113,13 +115,20 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._json(
             HTTPStatus.OK,
-            {"answer": answer, "boxes": [[float(c) for c in b] for b in boxes], "width": image.width, "height": image.height},
+            {
+                "answer": answer,
+                "boxes": [[float(c) for c in b] for b in boxes],
+                "width": image.width,
+                "height": image.height,
+            },
         )
 
 
 def make_server(responder: Responder, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
     """A ready server (port 0 picks a free one: read `server.server_address`)."""
-    handler = type("ChatHandler", (_Handler,), {"responder": staticmethod(responder), "lock": threading.Lock()})
+    handler = type(
+        "ChatHandler", (_Handler,), {"responder": staticmethod(responder), "lock": threading.Lock()}
+    )
     return ThreadingHTTPServer((host, port), handler)
 
 
