@@ -243,6 +243,7 @@ def export_encoder(
                 "images": inputs["image_names"],
                 "boxes_per_image": int(inputs["boxes"].shape[1]),
                 "diffs": diffs,
+                "max_abs_diff": max(diffs.values()),
             },
             "preprocessing": PADDING_NOTE,
             "notes": notes,

@@ -44,6 +44,9 @@ class DemoPlan:
     finetune_stage2_steps: int
     finetune_batch: int = 16
     finetune_lr: float = 2e-3
+    # "digits": clocmllm/demo_tokenizer.py (numbers as digit tokens, for an LLM from scratch);
+    # "words": the MLLM's default word-level tokenizer (one token per grid number).
+    mllm_tokenizer: str = "digits"
     # MLLM eval samples (None: the whole eval split); encoder eval uses every eval image.
     eval_mllm_limit: int | None = None
     num_examples: int = 6
@@ -93,7 +96,9 @@ class Demo:
         missing = [n for n in needs if self.results.get(n, StageResult(n, "failed")).status != "done"]
         if command_module(command) is None:
             issue = COMMANDS[command][2]
-            res = StageResult(name, "not_built", message=f"`clocmllm {command}` is not built yet (issue #{issue})")
+            res = StageResult(
+                name, "not_built", message=f"`clocmllm {command}` is not built yet (issue #{issue})"
+            )
         elif missing:
             res = StageResult(name, "skipped", message=f"needs {', '.join(missing)}, which did not finish")
         else:
@@ -178,8 +183,18 @@ def run_demo(
         (),
         lambda: (
             demo.cli(
-                "world", "world", "--out", world, "--train", plan.train_images, "--eval", plan.eval_images,
-                "--seed", plan.seed, "--image-size", plan.image_size,
+                "world",
+                "world",
+                "--out",
+                world,
+                "--train",
+                plan.train_images,
+                "--eval",
+                plan.eval_images,
+                "--seed",
+                plan.seed,
+                "--image-size",
+                plan.image_size,
             )
             or {"dir": str(world)}
         ),
@@ -194,10 +209,22 @@ def run_demo(
             ("world",),
             lambda recipe=recipe, wd=wd: (
                 demo.cli(
-                    f"pretrain_{recipe}", "pretrain", "--config", RECIPES / f"demo_{recipe}.yaml", "--workdir", wd,
-                    "--data", world, "--steps", plan.pretrain_steps,
-                    "--set", f"data.batch_size={plan.pretrain_batch}", "--set", f"seed={plan.seed}",
-                    "--set", f"model.image_size={plan.image_size}",
+                    f"pretrain_{recipe}",
+                    "pretrain",
+                    "--config",
+                    RECIPES / f"demo_{recipe}.yaml",
+                    "--workdir",
+                    wd,
+                    "--data",
+                    world,
+                    "--steps",
+                    plan.pretrain_steps,
+                    "--set",
+                    f"data.batch_size={plan.pretrain_batch}",
+                    "--set",
+                    f"seed={plan.seed}",
+                    "--set",
+                    f"model.image_size={plan.image_size}",
                 )
                 or {"workdir": str(wd)}
             ),
@@ -208,8 +235,13 @@ def run_demo(
             "export",
             (f"pretrain_{recipe}",),
             lambda wd=wd, ex=ex, recipe=recipe: (
-                demo.cli(f"export_{recipe}", "export", "--checkpoint", wd, "--out", ex, "--force", env=TORCH_ENV)
-                or {"dir": str(ex), "report": {"max_abs_diff": max_abs_diff(read_json(ex / "export_report.json"))}}
+                demo.cli(
+                    f"export_{recipe}", "export", "--checkpoint", wd, "--out", ex, "--force", env=TORCH_ENV
+                )
+                or {
+                    "dir": str(ex),
+                    "report": {"max_abs_diff": max_abs_diff(read_json(ex / "export_report.json"))},
+                }
             ),
         )
         ev = demo.dir / f"eval_encoder_{recipe}.json"
@@ -219,8 +251,17 @@ def run_demo(
             (f"pretrain_{recipe}",),
             lambda recipe=recipe, wd=wd, ev=ev: (
                 demo.cli(
-                    f"eval_encoder_{recipe}", "eval", "encoder", "--checkpoint", wd, "--data", world,
-                    "--split", "eval", "--json", ev,
+                    f"eval_encoder_{recipe}",
+                    "eval",
+                    "encoder",
+                    "--checkpoint",
+                    wd,
+                    "--data",
+                    world,
+                    "--split",
+                    "eval",
+                    "--json",
+                    ev,
                 )
                 or {"metrics": read_json(ev)}
             ),
@@ -243,10 +284,22 @@ def run_demo(
             (f"finetune_{recipe}",),
             lambda recipe=recipe, md=md, mv=mv, limit=limit: (
                 demo.cli(
-                    f"eval_mllm_{recipe}", "eval", "mllm", "--model", md / "stage2" / "model",
-                    "--data", world / "eval" / "conversations.json", "--json", mv,
-                    "--examples", demo.dir / f"examples_{recipe}", "--num-examples", plan.num_examples,
-                    "--predictions", demo.dir / f"predictions_{recipe}.jsonl", *limit,
+                    f"eval_mllm_{recipe}",
+                    "eval",
+                    "mllm",
+                    "--model",
+                    md / "stage2" / "model",
+                    "--data",
+                    world / "eval" / "conversations.json",
+                    "--json",
+                    mv,
+                    "--examples",
+                    demo.dir / f"examples_{recipe}",
+                    "--num-examples",
+                    plan.num_examples,
+                    "--predictions",
+                    demo.dir / f"predictions_{recipe}.jsonl",
+                    *limit,
                     env=TORCH_ENV,
                 )
                 or {"metrics": read_json(mv)}
@@ -266,6 +319,16 @@ def finetune_two_stages(demo: Demo, recipe: str, md: Path, world: Path) -> dict:
     stage 1 is short, so it mostly aligns the connector before the LLM starts to move.
     """
     plan = demo.plan
+    tokenizer: tuple[str, ...] = ()
+    if plan.mllm_tokenizer == "digits":
+        from clocmllm.demo_tokenizer import write_digit_tokenizer
+
+        path = demo.dir / "tokenizer_digits"
+        if not (path / "tokenizer.json").exists():
+            write_digit_tokenizer(world / "train" / "conversations.json", path)
+        tokenizer = ("--set", f"model.tokenizer.path={path}")
+    elif plan.mllm_tokenizer != "words":
+        raise StageFailed(f"plan.mllm_tokenizer: expected 'digits' or 'words', got {plan.mllm_tokenizer!r}")
     common = (
         "--config", RECIPES / "demo_mllm.yaml",
         "--set", f"data.train={world / 'train' / 'conversations.json'}",
@@ -274,7 +337,7 @@ def finetune_two_stages(demo: Demo, recipe: str, md: Path, world: Path) -> dict:
     )  # fmt: skip
     demo.cli(
         f"finetune_{recipe}", "finetune", *common,
-        "--set", f"model.tower.path={demo.dir / f'export_{recipe}'}",
+        "--set", f"model.tower.path={demo.dir / f'export_{recipe}'}", *tokenizer,
         "--set", "train.stage=1", "--set", f"train.max_steps={plan.finetune_stage1_steps}",
         "--set", f"train.output_dir={md / 'stage1'}",
         env=TORCH_ENV,

@@ -37,12 +37,23 @@ def build_report(results: dict, plan, wall_seconds: float) -> dict:
         diff = res.outputs.get("report", {}).get("max_abs_diff") if res and res.status == "done" else None
         export[r] = {"max_abs_diff": diff}
 
-    clip_r1, cloc_r1 = encoders.get("clip", {}).get("region_retrieval_r1"), encoders.get("cloc", {}).get("region_retrieval_r1")
+    clip_r1, cloc_r1 = (
+        encoders.get("clip", {}).get("region_retrieval_r1"),
+        encoders.get("cloc", {}).get("region_retrieval_r1"),
+    )
     gain = None if clip_r1 is None or cloc_r1 is None else round(100 * (cloc_r1 - clip_r1), 2)
     g_cloc, g_clip = mllm.get("cloc", {}).get("grounding_acc50"), mllm.get("clip", {}).get("grounding_acc50")
     targets = {
-        "cloc_region_r1_gain_points": {"value": gain, "threshold": 15.0, "met": None if gain is None else gain >= 15.0},
-        "cloc_grounding_acc50": {"value": g_cloc, "threshold": 0.5, "met": None if g_cloc is None else g_cloc >= 0.5},
+        "cloc_region_r1_gain_points": {
+            "value": gain,
+            "threshold": 15.0,
+            "met": None if gain is None else gain >= 15.0,
+        },
+        "cloc_grounding_acc50": {
+            "value": g_cloc,
+            "threshold": 0.5,
+            "met": None if g_cloc is None else g_cloc >= 0.5,
+        },
         "cloc_grounding_beats_clip": {
             "value": None if g_cloc is None or g_clip is None else round(g_cloc - g_clip, 4),
             "threshold": 0.0,
@@ -54,7 +65,9 @@ def build_report(results: dict, plan, wall_seconds: float) -> dict:
         **{f"pretrain_{r}": _seconds(results, f"pretrain_{r}") for r in recipes},
         "export": _seconds(results, *[f"export_{r}" for r in recipes]),
         **{f"finetune_{r}": _seconds(results, f"finetune_{r}") for r in recipes},
-        "eval": _seconds(results, *[f"eval_encoder_{r}" for r in recipes], *[f"eval_mllm_{r}" for r in recipes]),
+        "eval": _seconds(
+            results, *[f"eval_encoder_{r}" for r in recipes], *[f"eval_mllm_{r}" for r in recipes]
+        ),
     }
     timings["total"] = round(sum(v for v in timings.values() if v is not None), 1)
     timings["wall_this_run"] = round(wall_seconds, 1)
@@ -80,7 +93,11 @@ def table_markdown(report: dict) -> str:
     rows = ["| metric | " + " | ".join(recipes) + " |", "|---|" + "---|" * len(recipes)]
     for k in ENCODER_KEYS:
         rows.append(f"| encoder {k} | " + " | ".join(_fmt(report["encoders"][r][k]) for r in recipes) + " |")
-    rows.append("| export max_abs_diff | " + " | ".join(_fmt(report["export"][r]["max_abs_diff"]) for r in recipes) + " |")
+    rows.append(
+        "| export max_abs_diff | "
+        + " | ".join(_fmt(report["export"][r]["max_abs_diff"]) for r in recipes)
+        + " |"
+    )
     for k in MLLM_KEYS:
         rows.append(f"| mllm {k} | " + " | ".join(_fmt(report["mllm"][r][k]) for r in recipes) + " |")
     return "\n".join(rows)
@@ -127,12 +144,12 @@ def plot_curves(workdir: Path, recipes: list[str]) -> list[str]:
         for r in recipes:
             steps, losses, offset = [], [], 0
             for i, pattern in enumerate(patterns):
-                s, l = _loss_rows(workdir / pattern.format(r))
-                if i and s and r == recipes[0]:
+                part_steps, part_losses = _loss_rows(workdir / pattern.format(r))
+                if i and part_steps and r == recipes[0]:
                     ax.axvline(offset, color="grey", linestyle=":", linewidth=1)
-                steps += [offset + x for x in s]
-                losses += l
-                offset += max(s, default=0)
+                steps += [offset + x for x in part_steps]
+                losses += part_losses
+                offset += max(part_steps, default=0)
             if steps:
                 ax.plot(steps, losses, label=r)
                 plotted = True
@@ -177,11 +194,19 @@ def write_report(workdir: Path, report: dict, results: dict) -> None:
         "",
         "## Stages",
         "",
-        *[f"- {n}: {s['status']}{' — ' + s['message'] if s['message'] else ''}" for n, s in report["stages"].items()],
+        *[
+            f"- {n}: {s['status']}{' — ' + s['message'] if s['message'] else ''}"
+            for n, s in report["stages"].items()
+        ],
         "",
     ]
     if figures:
         lines += ["## Loss curves", "", *[f"![{f}]({f})" for f in figures], ""]
     if examples:
-        lines += ["## Grounding examples (green: truth, red: prediction)", "", *[f"![{e}]({e})" for e in examples], ""]
+        lines += [
+            "## Grounding examples (green: truth, red: prediction)",
+            "",
+            *[f"![{e}]({e})" for e in examples],
+            "",
+        ]
     (workdir / "report.md").write_text("\n".join(lines))

@@ -37,6 +37,7 @@ from clocmllm.encoder.preprocess import CLIP_MEAN, CLIP_STD, boxes_to_unit, prep
 from PIL import Image
 
 from clocmllm.data.problems import ProblemLog
+from clocmllm.data.interleaved import interleaved_to_pairs, is_interleaved_jsonl, iter_interleaved_jsonl
 from clocmllm.data.regions import RegionRecord, iter_region_jsonl
 
 # texts -> int32 [n, context_length]
@@ -66,7 +67,12 @@ def load_records(
     problems = problems if problems is not None else ProblemLog()
     out: list[RegionRecord] = []
     for f in region_files(path, split):
-        out.extend(iter_region_jsonl(f, problems))
+        if is_interleaved_jsonl(f):
+            # Interleaved documents feed the paired recipes as (image, neighbouring text) pairs.
+            pairs = interleaved_to_pairs(iter_interleaved_jsonl(f, problems))
+            out.extend(RegionRecord(image=img, caption=text) for img, text in pairs)
+        else:
+            out.extend(iter_region_jsonl(f, problems))
     if not out:
         raise ValueError(f"{path}: no valid region records ({problems.summary()})")
     return out

@@ -495,10 +495,17 @@ def train(
     elif cfg["recipe"] == "lcl":
         from clocmllm.data.interleaved import paired_to_interleaved
 
+        from clocmllm.data.interleaved import is_interleaved_jsonl, iter_interleaved_jsonl
+        from clocmllm.encoder.input_pipeline import region_files
+
         mod, lcfg = recipe
-        docs = paired_to_interleaved(
-            ((r.image_path, r.caption) for r in records), pcfg.seed, image_first_p=lcfg.image_first_p
-        )
+        files = region_files(cfg["data"]["path"], cfg["data"]["split"])
+        if all(is_interleaved_jsonl(f) for f in files):  # real documents: use them as they are
+            docs = [doc for f in files for doc in iter_interleaved_jsonl(f, problems)]
+        else:  # paired data: image before or after its caption at random (LCL's recipe)
+            docs = paired_to_interleaved(
+                ((r.image_path, r.caption) for r in records), pcfg.seed, image_first_p=lcfg.image_first_p
+            )
         dataset = mod.LCLDataset(
             docs, lcfg, mc, mod.tokenizer_encode(tok), pcfg.batch_size, pcfg.seed, problems,
             pcfg.threads, pcfg.prefetch, jax.process_index(), jax.process_count(),

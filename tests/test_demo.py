@@ -72,12 +72,16 @@ def test_every_stage_done_and_every_key_measured(demo_run):
     timings = report["timings_s"]
     for k in ("world", "pretrain_clip", "pretrain_cloc", "export", "finetune_clip", "finetune_cloc", "eval"):
         assert _is_number(timings[k]) and timings[k] > 0, k
-    assert timings["total"] == pytest.approx(sum(timings[k] for k in timings if k not in ("total", "wall_this_run")), abs=0.5)
+    assert timings["total"] == pytest.approx(
+        sum(timings[k] for k in timings if k not in ("total", "wall_this_run")), abs=0.5
+    )
     for name, t in report["targets"].items():
         assert isinstance(t["met"], bool), name  # every figure it needs was measured
     gain = report["targets"]["cloc_region_r1_gain_points"]
     enc = report["encoders"]
-    assert gain["value"] == pytest.approx(100 * (enc["cloc"]["region_retrieval_r1"] - enc["clip"]["region_retrieval_r1"]), abs=0.01)
+    assert gain["value"] == pytest.approx(
+        100 * (enc["cloc"]["region_retrieval_r1"] - enc["clip"]["region_retrieval_r1"]), abs=0.01
+    )
     assert gain["met"] == (gain["value"] >= 15.0)
     assert report["plan"] == "quick"
 
@@ -132,7 +136,9 @@ def test_a_failed_stage_leaves_nulls_and_unjudged_targets():
     results = {
         "world": StageResult("world", "done", 1.0),
         "pretrain_clip": StageResult("pretrain_clip", "done", 2.0),
-        "eval_encoder_clip": StageResult("eval_encoder_clip", "done", 3.0, {"metrics": {"region_retrieval_r1": 0.1}}),
+        "eval_encoder_clip": StageResult(
+            "eval_encoder_clip", "done", 3.0, {"metrics": {"region_retrieval_r1": 0.1}}
+        ),
         "pretrain_cloc": StageResult("pretrain_cloc", "failed", 4.0, message="boom"),
         "eval_encoder_cloc": StageResult("eval_encoder_cloc", "skipped", message="needs pretrain_cloc"),
     }

@@ -251,3 +251,33 @@ def test_recipes_run_through_the_trainer(setup, recipe, extra, metric):
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r[metric]) for r in rows)
     cfg, params, step = restore_params(workdir)
     assert step == 2 and cfg["recipe"] == recipe and recipe in params and "visual" in params
+    # every recipe's vision tower exports through the same adapters, parity-checked
+    from clocmllm.adapters.export import export_encoder
+
+    report = export_encoder(workdir, setup[0] / f"{recipe}_export", verbose=False)
+    assert report["parity"]["max_abs_diff"] <= 1e-4 and (setup[0] / f"{recipe}_export" / "model.safetensors").exists()
+
+
+def test_lcl_and_cloc_pretrain_on_an_interleaved_jsonl(setup):
+    """MMC4/OBELICS-like documents: LCL reads them as documents, paired recipes as pairs."""
+    from clocmllm.data.interleaved import InterleavedDoc, Segment, read_interleaved_jsonl, write_interleaved_jsonl
+    from clocmllm.data.regions import read_region_jsonl
+
+    root = setup[0]
+    recs = read_region_jsonl(root / "world" / "train" / "regions.jsonl")
+    docs = [
+        InterleavedDoc([Segment(text=f"document {i} begins."), Segment(image=r.image_path), Segment(text=r.caption)])
+        for i, r in enumerate(recs)
+    ]
+    path = root / "docs" / "docs.jsonl"
+    write_interleaved_jsonl(docs, path)
+    assert len(read_interleaved_jsonl(path)) == len(recs)
+    lcl = ["--set", "recipe=lcl", "--set", "mode=clip", "--set", "lcl.max_images=8", "--set", "lcl.seq_len=48",
+           "--set", "lcl.lm.max_len=48", "--set", "lcl.lm.width=32", "--set", "lcl.lm.mlp_dim=64",
+           "--set", "lcl.lm.layers=1"]  # fmt: skip
+    for name, extra in (("lcl_docs", lcl), ("cloc_docs", [])):
+        workdir = root / name
+        proc = cli(setup, workdir, "--steps", "2", *extra, "--data", str(path))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        rows = [m for m in metrics(workdir) if "loss" in m]
+        assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)

@@ -6,7 +6,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", default="runs/demo", help="where every stage writes (resumes if it exists)")
+    parser.add_argument(
+        "--workdir", default="runs/demo", help="where every stage writes (resumes if it exists)"
+    )
     parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny sizes, ≤ 3 minutes")
     parser.add_argument(
         "--recipes", default=None, help="comma-separated pretraining recipes to compare (default: clip,cloc)"
@@ -33,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     cloc_model = f"{args.workdir}/mllm_cloc/stage2/model"
     if report["stages"].get("finetune_cloc", {}).get("status") == "done":
         image = f"{args.workdir}/world/eval/images/000000.png"
-        print(f"Chat with the result:\n  clocmllm chat --model {cloc_model} --image {image} --prompt 'Locate the ring.'")
+        print(
+            f"Chat with the result:\n  clocmllm chat --model {cloc_model} --image {image} --prompt 'Locate the ring.'"
+        )
         print(f"  clocmllm serve --model {cloc_model}")
     if failed:
         print(f"\nFailed stages: {', '.join(failed)} (logs in {args.workdir}/logs/)")

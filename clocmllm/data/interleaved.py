@@ -165,3 +165,37 @@ def _reject_constant(name: str) -> float:
     if name in ("NaN", "Infinity", "-Infinity"):
         return math.nan
     raise ValueError(name)
+
+
+def is_interleaved_jsonl(path: str | os.PathLike) -> bool:
+    """Whether a JSONL file holds interleaved documents (its first record has `segments`)."""
+    with open(path, encoding="utf-8") as f:
+        for text in f:
+            if text.strip():
+                try:
+                    return isinstance(obj := json.loads(text), dict) and "segments" in obj
+                except json.JSONDecodeError:
+                    return False
+    return False
+
+
+def interleaved_to_pairs(docs: Iterable[InterleavedDoc]) -> list[tuple[str, str]]:
+    """(image path, caption) pairs from documents, for the paired recipes (clip, cloc, rocket).
+
+    Our choice (MMC4 assigns images to sentences by similarity; we have no model here): an
+    image takes the text segment that follows it, else the one before it; an image with no
+    text neighbour is dropped. Absolute or root-relative paths are returned as `image_path`
+    resolves them.
+    """
+    pairs = []
+    for doc in docs:
+        segs = doc.segments
+        for i, seg in enumerate(segs):
+            if not seg.is_image:
+                continue
+            after = next((s.text for s in segs[i + 1 : i + 2] if not s.is_image), None)
+            before = next((s.text for s in segs[max(0, i - 1) : i] if not s.is_image), None)
+            text = after or before
+            if text:
+                pairs.append((doc.image_path(seg), text))
+    return pairs

@@ -122,7 +122,9 @@ def evaluate(
                 raise ValueError(f"{data}: record {rec.get('id')}: boxes: no ground-truth box for the answer")
             if examples is not None and counts["grounding"] <= num_examples:
                 pred = ans.pixel_boxes[0] if ans.pixel_boxes else None
-                draw_example(image, gt, pred, Path(examples) / f"{counts['grounding'] - 1:03d}_{rec.get('id')}.png")
+                draw_example(
+                    image, gt, pred, Path(examples) / f"{counts['grounding'] - 1:03d}_{rec.get('id')}.png"
+                )
             if ans.pixel_boxes:
                 counts["grounding_parsed"] += 1
                 row["iou"] = iou(ans.pixel_boxes[0], gt)

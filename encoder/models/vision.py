@@ -32,8 +32,8 @@ class PatchEmbed(nn.Module):
         b, h, w, c = images.shape
         gh, gw = h // p, w // p
         x = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-        x = x.reshape(b, gh * gw, p * p * c).astype(self.dtype)
-        return x @ kernel.reshape(p * p * c, self.width).astype(self.dtype)
+        x = x.reshape(b * gh * gw, p * p * c).astype(self.dtype)  # 2-D: XLA CPU's fast GEMM path
+        return (x @ kernel.reshape(p * p * c, self.width).astype(self.dtype)).reshape(b, gh * gw, self.width)
 
 
 class VisionTower(nn.Module):
