@@ -33,12 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from clocmllm.encoder.preprocess import CLIP_MEAN, CLIP_STD, boxes_to_unit, preprocess_image
 from PIL import Image
 
-from clocmllm.data.problems import ProblemLog
 from clocmllm.data.interleaved import interleaved_to_pairs, is_interleaved_jsonl, iter_interleaved_jsonl
+from clocmllm.data.problems import ProblemLog
 from clocmllm.data.regions import RegionRecord, iter_region_jsonl
+from clocmllm.encoder.preprocess import CLIP_MEAN, CLIP_STD, boxes_to_unit, preprocess_image
 
 # texts -> int32 [n, context_length]
 Tokenize = Callable[[Sequence[str]], np.ndarray]

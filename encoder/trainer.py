@@ -247,6 +247,7 @@ def make_loss_fn(model, cfg: dict):
     """params, batch -> (loss, metrics dict). Pure; jitted inside the step."""
     import jax
     import jax.numpy as jnp
+
     from clocmllm.encoder import losses
 
     mode, kind = cfg["mode"], cfg["loss"]
@@ -326,6 +327,7 @@ def abstract_state(model, tx, seed: int, recipe=None):
     `recipe = (module, recipe_config)` adds that recipe's params under `module.PARAM_KEY`.
     """
     import jax
+
     from clocmllm.encoder.train_state import new_state
 
     def init():
@@ -414,14 +416,14 @@ def train(
     TrainingDiverged on a non-finite loss (after keeping the last good checkpoint).
     """
     import jax
+    from tqdm import tqdm
+
+    from clocmllm.data.problems import ProblemLog
     from clocmllm.encoder import checkpoints as ck
     from clocmllm.encoder.input_pipeline import BatchIterator, PipelineConfig, RegionDataset, load_records
     from clocmllm.encoder.models.clip import CLIP
     from clocmllm.encoder.optimizer import build_optimizer
     from clocmllm.encoder.sharding import batch_sharding, make_mesh, maybe_initialize_distributed, shard_batch
-    from tqdm import tqdm
-
-    from clocmllm.data.problems import ProblemLog
 
     # ---- config, workdir, compatibility
     cfg = resolve_config(config, data, steps)
@@ -493,9 +495,11 @@ def train(
     if cfg["recipe"] == "rocket":
         dataset = recipe[0].RocketDataset(dataset, recipe[1], tokenize)
     elif cfg["recipe"] == "lcl":
-        from clocmllm.data.interleaved import paired_to_interleaved
-
-        from clocmllm.data.interleaved import is_interleaved_jsonl, iter_interleaved_jsonl
+        from clocmllm.data.interleaved import (
+            is_interleaved_jsonl,
+            iter_interleaved_jsonl,
+            paired_to_interleaved,
+        )
         from clocmllm.encoder.input_pipeline import region_files
 
         mod, lcfg = recipe

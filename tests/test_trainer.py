@@ -93,6 +93,7 @@ def metrics(workdir: Path) -> list[dict]:
 
 def test_decay_mask_excludes_norms_biases_embeddings_scales():
     import jax
+
     from clocmllm.encoder.config import load_model_config
     from clocmllm.encoder.models.clip import param_shapes
     from clocmllm.encoder.optimizer import decay_mask
@@ -255,18 +256,28 @@ def test_recipes_run_through_the_trainer(setup, recipe, extra, metric):
     from clocmllm.adapters.export import export_encoder
 
     report = export_encoder(workdir, setup[0] / f"{recipe}_export", verbose=False)
-    assert report["parity"]["max_abs_diff"] <= 1e-4 and (setup[0] / f"{recipe}_export" / "model.safetensors").exists()
+    assert (
+        report["parity"]["max_abs_diff"] <= 1e-4
+        and (setup[0] / f"{recipe}_export" / "model.safetensors").exists()
+    )
 
 
 def test_lcl_and_cloc_pretrain_on_an_interleaved_jsonl(setup):
     """MMC4/OBELICS-like documents: LCL reads them as documents, paired recipes as pairs."""
-    from clocmllm.data.interleaved import InterleavedDoc, Segment, read_interleaved_jsonl, write_interleaved_jsonl
+    from clocmllm.data.interleaved import (
+        InterleavedDoc,
+        Segment,
+        read_interleaved_jsonl,
+        write_interleaved_jsonl,
+    )
     from clocmllm.data.regions import read_region_jsonl
 
     root = setup[0]
     recs = read_region_jsonl(root / "world" / "train" / "regions.jsonl")
     docs = [
-        InterleavedDoc([Segment(text=f"document {i} begins."), Segment(image=r.image_path), Segment(text=r.caption)])
+        InterleavedDoc(
+            [Segment(text=f"document {i} begins."), Segment(image=r.image_path), Segment(text=r.caption)]
+        )
         for i, r in enumerate(recs)
     ]
     path = root / "docs" / "docs.jsonl"
