@@ -19,6 +19,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 from clocmllm.encoder.config import ModelConfig
 from clocmllm.encoder.models.prompter import GroundingHead, Prompter
 from clocmllm.encoder.models.text import TextTower

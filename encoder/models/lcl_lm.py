@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 from clocmllm.encoder.models.transformer import Block, normal
 
 

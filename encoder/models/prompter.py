@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from clocmllm.encoder.config import ModelConfig
 from clocmllm.encoder.models.transformer import Block, block_kwargs, normal, scaled_width_init
 

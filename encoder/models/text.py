@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 from clocmllm.encoder.config import ModelConfig
 from clocmllm.encoder.models.transformer import block_class, block_kwargs, normal, scaled_width_init
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 from clocmllm.encoder.config import ModelConfig
 from clocmllm.encoder.models.transformer import block_class, block_kwargs, scaled_width_init
 

@@ -3,10 +3,14 @@
 Command:  .venv/bin/python scripts/bench/bench_train_step.py [--presets tiny vit_s16] [--steps 5]
 Expected: ~3 min for tiny, ~6-10 min with vit_s16 on 2 idle cores (much longer when the
 box is loaded). Prints, per preset, the median step time of each variant, its speed relative
-to PyTorch (>1 = faster than PyTorch), the CLOC step's overhead over our CLIP step (M=4),
-first-compile time and peak RSS. Each variant runs in its own subprocess (so peak memory is
-its own), the variants of a preset one after the other; `--rounds 2` repeats the sequence
-and keeps each variant's best median, which evens out load drift.
+to PyTorch (>1 = faster than PyTorch; process CPU time with `--threads 1`, wall time
+otherwise), the CLOC step's overhead over our CLIP step (M=4), first-compile time and peak
+RSS. Each variant runs in its own subprocess (so peak memory is its own), the variants of a
+preset one after the other; `--rounds 2` repeats the sequence and keeps each variant's best
+median, which evens out load drift.
+`--pieces` times the step's pieces instead (forward+loss, vision tower fwd and fwd+bwd, whole
+fwd+bwd, optimizer update), best of --steps, on both sides: where the time goes (~1 min at
+tiny, ~4 min at vit_s16 with --steps 2, single-threaded).
 
 Step = forward of both towers + loss + backward + global-norm clipping + AdamW update, the
 same work on both sides (CLIP softmax loss; HF `return_loss=True`). The CLOC step adds the
@@ -26,6 +30,13 @@ import sys
 import time
 
 import numpy as np
+
+
+def clock() -> float:
+    """Process CPU time when single-threaded (BENCH_THREADS=1): other jobs on a shared box do
+    not inflate it, unlike wall time; wall time otherwise (CPU time would sum the threads)."""
+    return time.process_time() if os.environ.get("BENCH_THREADS") == "1" else time.perf_counter()
+
 
 BATCH = {"tiny": 64, "vit_s16": 32}
 VOCAB, CONTEXT = 1000, 32  # a small vocabulary keeps the embedding table out of the comparison
@@ -65,6 +76,7 @@ def fake_batch(mc, batch: int, m: int = 4) -> dict:
 
 def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
     import jax
+
     from clocmllm.encoder.models.clip import CLIP
     from clocmllm.encoder.optimizer import build_optimizer
     from clocmllm.encoder.trainer import DEFAULTS, abstract_state, deep_merge, make_train_step
@@ -84,14 +96,15 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(steps + 1):
-        t0 = time.perf_counter()
+        t0 = clock()
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics["loss"])
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return {"compile_s": compile_s, "step_s": statistics.median(times[1:]), "loss": float(metrics["loss"])}
 
 
-def run_torch(preset: str, steps: int) -> dict:
+def _torch_setup(preset: str):
+    """HF CLIPModel of the preset's sizes, its AdamW, and the batch as torch tensors."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
@@ -113,15 +126,22 @@ def run_torch(preset: str, steps: int) -> dict:
     b = fake_batch(mc, BATCH[preset])
     pixels = torch.from_numpy(b["images"]).permute(0, 3, 1, 2).contiguous()
     ids = torch.from_numpy(b["text"]).long()
+    return model, opt, pixels, ids
+
+
+def run_torch(preset: str, steps: int) -> dict:
+    model, opt, pixels, ids = _torch_setup(preset)
+    import torch
+
     times = []
     for _ in range(steps + 1):
-        t0 = time.perf_counter()
+        t0 = clock()
         out = model(input_ids=ids, pixel_values=pixels, return_loss=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return {
         "compile_s": times[0] - statistics.median(times[1:]),
         "step_s": statistics.median(times[1:]),
@@ -129,8 +149,84 @@ def run_torch(preset: str, steps: int) -> dict:
     }
 
 
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up (and compile)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        best = min(best, clock() - t0)
+    return best
+
+
+def pieces_jax(preset: str, steps: int) -> dict:
+    """Step pieces of our CLIP step, for `--pieces` (where the time goes)."""
+    import jax
+    import jax.numpy as jnp
+
+    from clocmllm.encoder.models.clip import CLIP
+    from clocmllm.encoder.optimizer import build_optimizer
+    from clocmllm.encoder.trainer import DEFAULTS, abstract_state, deep_merge, make_loss_fn
+
+    mc = model_config(preset)
+    model = CLIP(mc)
+    cfg = deep_merge(DEFAULTS, {"mode": "clip"})
+    tx, _ = build_optimizer(cfg["optim"], 1000)
+    _, init = abstract_state(model, tx, 0)
+    state = jax.jit(init)()
+    b = fake_batch(mc, BATCH[preset])
+    batch = {k: jnp.asarray(b[k]) for k in ("images", "text")}
+    loss = make_loss_fn(model, cfg)
+    fwd = jax.jit(lambda p, bt: loss(p, bt)[0])
+    vis = jax.jit(lambda p, im: jnp.sum(model.apply({"params": p}, im, method="encode_image_tokens") ** 2))
+    vis_g = jax.jit(
+        jax.grad(lambda p, im: jnp.sum(model.apply({"params": p}, im, method="encode_image_tokens") ** 2))
+    )
+    grad = jax.jit(jax.grad(lambda p, bt: loss(p, bt)[0]))
+    grads = grad(state.params, batch)
+    upd = jax.jit(lambda g, o, p: tx.update(g, o, p)[0])
+    ready = jax.block_until_ready
+    return {
+        "forward+loss": _best(lambda: ready(fwd(state.params, batch)), steps),
+        "vision fwd": _best(lambda: ready(vis(state.params, batch["images"])), steps),
+        "vision fwd+bwd": _best(lambda: ready(vis_g(state.params, batch["images"])), steps),
+        "fwd+bwd": _best(lambda: ready(grad(state.params, batch)), steps),
+        "optimizer": _best(lambda: ready(upd(grads, state.opt_state, state.params)), steps),
+    }
+
+
+def pieces_torch(preset: str, steps: int) -> dict:
+    """The same pieces of HF `CLIPModel` + AdamW."""
+    import torch
+
+    model, opt, pixels, ids = _torch_setup(preset)
+
+    def fwd():
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=pixels, return_loss=True)
+
+    def vis():
+        with torch.no_grad():
+            (model.vision_model(pixel_values=pixels).last_hidden_state ** 2).sum()
+
+    def vis_g():
+        (model.vision_model(pixel_values=pixels).last_hidden_state ** 2).sum().backward()
+
+    def grad():
+        model(input_ids=ids, pixel_values=pixels, return_loss=True).loss.backward()
+
+    def upd():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    names = ("forward+loss", "vision fwd", "vision fwd+bwd", "fwd+bwd", "optimizer")
+    return {n: _best(f, steps) for n, f in zip(names, (fwd, vis, vis_g, grad, upd), strict=True)}
+
+
 def one(kind: str, preset: str, steps: int) -> None:
-    if kind == "torch":
+    if kind.startswith("pieces:"):
+        res = {"pieces": (pieces_torch if kind == "pieces:torch" else pieces_jax)(preset, steps)}
+    elif kind == "torch":
         res = run_torch(preset, steps)
     else:
         _, mode, impl = kind.split(":")
@@ -155,6 +251,12 @@ def main() -> None:
         help="threads per side (0: all cores); 1 = torch.set_num_threads(1) and single-threaded XLA, "
         "the fair setting on a loaded box where spinning thread pools fight for cores",
     )
+    ap.add_argument(
+        "--pieces",
+        action="store_true",
+        help="instead of whole steps, time the step's pieces (forward+loss, vision tower fwd and "
+        "fwd+bwd, fwd+bwd, optimizer update) on both sides, best of --steps",
+    )
     ap.add_argument("--one", nargs=2, metavar=("KIND", "PRESET"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -171,6 +273,24 @@ def main() -> None:
     print(
         f"cores={os.cpu_count()} threads={args.threads or 'all'} load={os.getloadavg()[0]:.1f} steps={args.steps} rounds={args.rounds}"
     )
+    if args.pieces:
+        for preset in args.presets:
+            rows = {}
+            for kind in ("pieces:torch", "pieces:jax"):
+                cmd = [sys.executable, __file__, "--one", kind, preset, "--steps", str(args.steps)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if proc.returncode != 0:
+                    print(f"{preset} {kind} FAILED:\n{proc.stderr[-2000:]}")
+                    return
+                rows[kind] = json.loads(proc.stdout[proc.stdout.index("RESULT") + 6 :].splitlines()[0])
+            t, j = rows["pieces:torch"], rows["pieces:jax"]
+            print(f"\n{preset}: batch {BATCH[preset]}, load {os.getloadavg()[0]:.1f}")
+            print(f"  {'piece':16s} {'jax ms':>9s} {'torch ms':>9s} {'vs torch':>9s}")
+            for name, tj in j["pieces"].items():
+                tt = t["pieces"][name]
+                print(f"  {name:16s} {1000 * tj:9.1f} {1000 * tt:9.1f} {tt / tj:8.2f}x")
+            print(f"  peak MB: jax {j['peak_rss_mb']:.0f}, torch {t['peak_rss_mb']:.0f}")
+        return
     for preset in args.presets:
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
