@@ -23,7 +23,7 @@ demo: setup
 	$(VENV)/bin/clocmllm demo --workdir $(DEMO_DIR)
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check clocmllm encoder adapters scripts tests

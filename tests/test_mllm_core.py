@@ -23,14 +23,7 @@ from clocmllm.mllm.roi_align import roi_align
 from clocmllm.mllm.tokenizer import IMAGE_TOKEN, REGION_TOKEN, build_tokenizer, tokens_per_box
 from clocmllm.mllm.tower import TowerConfig, VisionTower
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a loaded 2-core box: one thread is ~40x faster than two spinning ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

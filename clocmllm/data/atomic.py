@@ -5,7 +5,9 @@ A reader (or a crashed run) never sees half a file: either the old file or the n
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -23,3 +25,19 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, fsync: bool = True)
 
 def write_text_atomic(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
     write_bytes_atomic(path, text.encode("utf-8"), fsync=fsync)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, objects: Iterable[object]) -> int:
+    """Stream JSON objects one a line into a temp file, fsync, rename. Returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for obj in objects:
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return n

@@ -24,10 +24,10 @@ import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from clocmllm.data.atomic import write_jsonl_atomic
 from clocmllm.data.problems import ProblemLog
 
 
@@ -130,18 +130,7 @@ def read_interleaved_jsonl(
 
 def write_interleaved_jsonl(docs: Iterable[InterleavedDoc], path: str | os.PathLike) -> int:
     """Write documents atomically (temp file, then rename). Returns the count written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return n
+    return write_jsonl_atomic(path, (doc.to_json() for doc in docs))
 
 
 def paired_to_interleaved(

@@ -16,9 +16,9 @@ import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from clocmllm.boxes import box_problem
+from clocmllm.data.atomic import write_jsonl_atomic
 from clocmllm.data.problems import ProblemLog
 
 
@@ -137,18 +137,7 @@ def read_region_jsonl(path: str | os.PathLike, problems: ProblemLog | None = Non
 
 def write_region_jsonl(records: Iterable[RegionRecord], path: str | os.PathLike) -> int:
     """Write records atomically (temp file, then rename). Returns the count written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return n
+    return write_jsonl_atomic(path, (rec.to_json() for rec in records))
 
 
 def _reject_constant(name: str) -> float:
