@@ -27,10 +27,11 @@ def _tiny_cfg():
 def tiny_ckpt(tmp_path_factory):
     """A tiny random checkpoint (with a tokenizer.json named in its config)."""
     import jax
-    from clocmllm.encoder.checkpoints import save_params
-    from clocmllm.encoder.models.clip import CLIP
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
+
+    from clocmllm.encoder.checkpoints import save_params
+    from clocmllm.encoder.models.clip import CLIP
 
     cfg = _tiny_cfg()
     model = CLIP(cfg)

@@ -139,10 +139,10 @@ def _tiny_hf_clip(folder, seed: int = 0):
 
 def test_import_then_export_is_bit_identical(tmp_path, capsys):
     """CLI round trip: HF CLIPModel -> import-clip -> export --full-clip -> the same tensors."""
-    from clocmllm.encoder.checkpoints import restore_params
     from safetensors.numpy import load_file
 
     from clocmllm.cli import main
+    from clocmllm.encoder.checkpoints import restore_params
 
     _, state = _tiny_hf_clip(tmp_path / "hf")
     assert main(["import-clip", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "wd")]) == 0
@@ -180,9 +180,10 @@ def test_import_then_export_is_bit_identical(tmp_path, capsys):
 
 def test_import_vision_only_saved_by_transformers5(tmp_path, capsys):
     """`save_pretrained` of transformers 5 drops `vision_model.`; import puts it back."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
     from clocmllm.adapters.import_clip import ImportClipError, import_clip
     from clocmllm.encoder.checkpoints import restore_params
-    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     vision = CLIPVisionModel(
         CLIPVisionConfig(
@@ -240,9 +241,10 @@ def test_import_refuses_pickles_and_bad_config(tmp_path):
 
 def test_streaming_safetensors_writer(tmp_path):
     """Strided views, 0-d scalars and ints survive the writer; safetensors reads it back."""
-    from clocmllm.adapters.folder_io import write_safetensors
     from safetensors import safe_open
     from safetensors.numpy import load_file
+
+    from clocmllm.adapters.folder_io import write_safetensors
 
     base = np.arange(24, dtype=np.float32).reshape(4, 6)
     tensors = {"t": base.T, "s": np.asarray(2.5, np.float32), "i": np.arange(3), "q": base[:, 2:4]}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
+
 from clocmllm.encoder.augment import StrongAugment, crop_boxes, make_views, strong_view
 from clocmllm.encoder.caption_augment import STOP_WORDS, CaptionAugment, bundled_synonyms, synonyms
 from clocmllm.encoder.recipes.rocket import Config, example_views
-from PIL import Image, ImageDraw
 
 SIZE = 48
 
@@ -139,11 +140,10 @@ def test_synonym_table_covers_the_world():
 
 
 def test_rocket_dataset_views_follow_boxes_through_the_pipeline(tmp_path):
+    from clocmllm.data.regions import Region, RegionRecord
     from clocmllm.encoder.input_pipeline import PipelineConfig, RegionDataset
     from clocmllm.encoder.preprocess import CLIP_MEAN, CLIP_STD
     from clocmllm.encoder.recipes.rocket import RocketDataset
-
-    from clocmllm.data.regions import Region, RegionRecord
 
     records = []
     for i, box in enumerate([(30, 20, 70, 60), (5, 40, 60, 75), (80, 10, 115, 70)]):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from clocmllm.encoder import losses as L
 from clocmllm.encoder.models.clip import FAST_COMPILE
 

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
+
 from clocmllm.encoder.config import ConfigError, ModelConfig, load_model_config
 from clocmllm.encoder.models.clip import CLIP, FAST_COMPILE, init_params, param_shapes
 from clocmllm.encoder.models.transformer import Block
-from flax.traverse_util import flatten_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
+
+from clocmllm.data.problems import DataError, ProblemLog
+from clocmllm.data.regions import Region, RegionRecord, write_region_jsonl
 from clocmllm.encoder.input_pipeline import (
     BatchIterator,
     PipelineConfig,
@@ -12,10 +16,6 @@ from clocmllm.encoder.input_pipeline import (
     sample_regions,
 )
 from clocmllm.encoder.preprocess import letterbox_image, pad_value, preprocess_image
-from PIL import Image, ImageDraw
-
-from clocmllm.data.problems import DataError, ProblemLog
-from clocmllm.data.regions import Region, RegionRecord, write_region_jsonl
 
 RED = (255, 0, 0)
 

@@ -74,13 +74,13 @@ def test_recall_at_k_text_match():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     import jax
+
+    from clocmllm.data.world import generate_world
     from clocmllm.encoder.checkpoints import save_params
     from clocmllm.encoder.config import load_model_config
     from clocmllm.encoder.input_pipeline import load_records
     from clocmllm.encoder.models.clip import init_params
     from clocmllm.encoder.tokenizer import build_word_tokenizer, tokenizer_overrides
-
-    from clocmllm.data.world import generate_world
 
     root = tmp_path_factory.mktemp("evalckpt")
     generate_world(root / "world", train=0, eval=6, seed=3, image_size=32, progress=False)

@@ -12,9 +12,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from clocmllm.encoder.config import load_model_config
-from clocmllm.encoder.models.clip import CLIP, init_params
-from clocmllm.encoder.recipes import lcl
 from PIL import Image
 
 from clocmllm.data.interleaved import (
@@ -25,6 +22,9 @@ from clocmllm.data.interleaved import (
     write_interleaved_jsonl,
 )
 from clocmllm.data.problems import DataError, ProblemLog
+from clocmllm.encoder.config import load_model_config
+from clocmllm.encoder.models.clip import CLIP, init_params
+from clocmllm.encoder.recipes import lcl
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 S = 16

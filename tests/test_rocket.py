@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+
 from clocmllm.encoder.config import load_model_config
 from clocmllm.encoder.models.clip import CLIP, init_params
 from clocmllm.encoder.recipes import rocket

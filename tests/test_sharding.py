@@ -60,8 +60,9 @@ SCRIPT = textwrap.dedent(
 
 
 def test_fsdp_spec_rule():
-    from clocmllm.encoder.sharding import fsdp_spec
     from jax.sharding import PartitionSpec as P
+
+    from clocmllm.encoder.sharding import fsdp_spec
 
     assert fsdp_spec((64, 256), 2, min_size=16) == P(None, "fsdp")  # largest divisible dim
     assert fsdp_spec((256, 63), 2, min_size=16) == P("fsdp", None)
@@ -72,6 +73,7 @@ def test_fsdp_spec_rule():
 
 def test_make_mesh_sizes():
     import jax
+
     from clocmllm.encoder.sharding import make_mesh
 
     mesh = make_mesh({"data": -1, "fsdp": 1})

@@ -6,6 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers, processors
+
 from clocmllm.encoder.config import load_model_config
 from clocmllm.encoder.tokenizer import (
     Tokenizer,
@@ -13,8 +16,6 @@ from clocmllm.encoder.tokenizer import (
     build_word_tokenizer,
     tokenizer_overrides,
 )
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, pre_tokenizers, processors
 
 CAPTIONS = [
     "A red cube left of a blue sphere.",
