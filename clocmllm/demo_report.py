@@ -88,6 +88,10 @@ def _fmt(v) -> str:
     return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _fmt_diff(v) -> str:
+    return "—" if v is None else f"{v:.1e}"
+
+
 def table_markdown(report: dict) -> str:
     recipes = report["recipes"]
     rows = ["| metric | " + " | ".join(recipes) + " |", "|---|" + "---|" * len(recipes)]
@@ -95,7 +99,7 @@ def table_markdown(report: dict) -> str:
         rows.append(f"| encoder {k} | " + " | ".join(_fmt(report["encoders"][r][k]) for r in recipes) + " |")
     rows.append(
         "| export max_abs_diff | "
-        + " | ".join(_fmt(report["export"][r]["max_abs_diff"]) for r in recipes)
+        + " | ".join(_fmt_diff(report["export"][r]["max_abs_diff"]) for r in recipes)
         + " |"
     )
     for k in MLLM_KEYS:
@@ -184,13 +188,18 @@ def write_report(workdir: Path, report: dict, results: dict) -> None:
         "",
         "## Targets",
         "",
+        *(
+            ["The targets are set for the full plan; the quick plan is a smoke run of the pipeline.", ""]
+            if report["plan"] != "full"
+            else []
+        ),
         targets_markdown(report),
         "",
         "## Timings (s)",
         "",
         "| stage | seconds |",
         "|---|---|",
-        *[f"| {k} | {_fmt(v)} |" for k, v in report["timings_s"].items()],
+        *[f"| {k} | {'—' if v is None else f'{v:.1f}'} |" for k, v in report["timings_s"].items()],
         "",
         "## Stages",
         "",

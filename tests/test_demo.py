@@ -149,3 +149,30 @@ def test_a_failed_stage_leaves_nulls_and_unjudged_targets():
     assert report["timings_s"]["pretrain_cloc"] is None and report["timings_s"]["total"] == 6.0
     assert report["stages"]["pretrain_cloc"] == {"status": "failed", "message": "boom"}
     assert json.loads(json.dumps(asdict(results["world"])))["status"] == "done"
+
+
+def test_digit_tokenizer_round_trips_boxes(tmp_path):
+    from transformers import AutoTokenizer
+
+    from clocmllm.boxes import parse_boxes
+    from clocmllm.demo_tokenizer import write_digit_tokenizer
+
+    conv = [
+        {
+            "image": "images/0.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nLocate the large cyan ring."},
+                {"from": "gpt", "value": "[12, 305, 999, 640]"},
+            ],
+        }
+    ]
+    (tmp_path / "c.json").write_text(json.dumps(conv))
+    tok = AutoTokenizer.from_pretrained(write_digit_tokenizer(tmp_path / "c.json", tmp_path / "tok"))
+    ids = tok("Locate the ring. [12, 305, 999, 640]", add_special_tokens=False)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert "<unk>" not in pieces
+    assert pieces[-12:] == ["3", "##0", "##5", ",", "9", "##9", "##9", ",", "6", "##4", "##0", "]"]
+    # no number is a word: every numeric vocabulary entry is a single digit
+    numeric = [t.removeprefix("##") for t in tok.get_vocab() if t.removeprefix("##").isdigit()]
+    assert sorted(numeric) == sorted(2 * list("0123456789"))
+    assert parse_boxes(tok.decode(ids)) == [[12, 305, 999, 640]]
