@@ -19,8 +19,9 @@ from pathlib import Path
 
 from clocmllm.boxes import box_problem
 from clocmllm.data.conversations import conversation_from_json, iter_json_items
+from clocmllm.data.jsonl import reject_constant
 from clocmllm.data.problems import Problem, ProblemLog, _sample_key
-from clocmllm.data.regions import _reject_constant, record_from_json
+from clocmllm.data.regions import record_from_json
 
 REGION_FILE_SUFFIXES = (".jsonl",)
 CONVERSATION_SUFFIXES = (".json", ".jsonl")
@@ -147,7 +148,7 @@ def check_regions(path: str, log: ProblemLog, images: _ImageSizes) -> FileReport
             report.items += 1
             log.seen += 1
             try:
-                obj = json.loads(text, parse_constant=_reject_constant)
+                obj = json.loads(text, parse_constant=reject_constant)
             except ValueError as err:
                 log.add(path, lineno, None, f"bad JSON line: {err}")
                 continue

@@ -20,7 +20,6 @@ numpy/PIL only.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from clocmllm.data.atomic import write_jsonl_atomic
+from clocmllm.data.jsonl import iter_json_lines
 from clocmllm.data.problems import ProblemLog
 
 
@@ -107,19 +107,10 @@ def iter_interleaved_jsonl(
     problems = problems if problems is not None else ProblemLog()
     path = str(path)
     root = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            problems.seen += 1
-            try:
-                obj = json.loads(text, parse_constant=_reject_constant)
-            except (json.JSONDecodeError, ValueError) as err:
-                problems.add(path, lineno, None, f"bad JSON line: {err}")
-                continue
-            doc = doc_from_json(obj, path, lineno, problems, root)
-            if doc is not None:
-                yield doc
+    for lineno, obj in iter_json_lines(path, problems):
+        doc = doc_from_json(obj, path, lineno, problems, root)
+        if doc is not None:
+            yield doc
 
 
 def read_interleaved_jsonl(
@@ -148,12 +139,6 @@ def paired_to_interleaved(
         first = np.random.default_rng([seed, i]).random() < image_first_p
         docs.append(InterleavedDoc([img, txt] if first else [txt, img], {}, root))
     return docs
-
-
-def _reject_constant(name: str) -> float:
-    if name in ("NaN", "Infinity", "-Infinity"):
-        return math.nan
-    raise ValueError(name)
 
 
 def is_interleaved_jsonl(path: str | os.PathLike) -> bool:

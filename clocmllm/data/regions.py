@@ -11,14 +11,13 @@ Extra keys are kept in `extra` and written back unchanged.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from clocmllm.boxes import box_problem
 from clocmllm.data.atomic import write_jsonl_atomic
+from clocmllm.data.jsonl import iter_json_lines
 from clocmllm.data.problems import ProblemLog
 
 
@@ -116,19 +115,10 @@ def iter_region_jsonl(path: str | os.PathLike, problems: ProblemLog | None = Non
     problems = problems if problems is not None else ProblemLog()
     path = str(path)
     root = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            problems.seen += 1
-            try:
-                obj = json.loads(text, parse_constant=_reject_constant)
-            except (json.JSONDecodeError, ValueError) as err:
-                problems.add(path, lineno, None, f"bad JSON line: {err}")
-                continue
-            rec = record_from_json(obj, path, lineno, problems, root)
-            if rec is not None:
-                yield rec
+    for lineno, obj in iter_json_lines(path, problems):
+        rec = record_from_json(obj, path, lineno, problems, root)
+        if rec is not None:
+            yield rec
 
 
 def read_region_jsonl(path: str | os.PathLike, problems: ProblemLog | None = None) -> list[RegionRecord]:
@@ -138,10 +128,3 @@ def read_region_jsonl(path: str | os.PathLike, problems: ProblemLog | None = Non
 def write_region_jsonl(records: Iterable[RegionRecord], path: str | os.PathLike) -> int:
     """Write records atomically (temp file, then rename). Returns the count written."""
     return write_jsonl_atomic(path, (rec.to_json() for rec in records))
-
-
-def _reject_constant(name: str) -> float:
-    # json accepts NaN/Infinity literals by default; a NaN box must be reported, not parsed.
-    if name in ("NaN", "Infinity", "-Infinity"):
-        return math.nan
-    raise ValueError(name)
