@@ -281,3 +281,17 @@ def test_tower_region_features_come_from_the_prompter(tmp_path):
     assert (feat[0, 0] - feat[0, 1]).abs().max() > 1e-4  # boxes matter
     roi = _tower(tiny.make_tower_folder(tmp_path / "tp", prompter=True), region="roi_align")
     assert roi.region_source == "roi_align"
+
+
+def test_random_llm_config_must_give_its_size():
+    """A bare {model_type: qwen2} would build a 7B-class model at random init (tens of GB)."""
+    from clocmllm.mllm.model import build_llm
+
+    with pytest.raises(
+        ValueError, match=r"missing \['hidden_size', 'num_hidden_layers', 'intermediate_size'\]"
+    ):
+        build_llm({"config": {"model_type": "qwen2"}})
+    with pytest.raises(ValueError, match="needs `model_type`"):
+        build_llm({"config": {"hidden_size": 8}})
+    llm = build_llm({"config": tiny.llm_config("qwen2")}, vocab_size=64)
+    assert llm.get_input_embeddings().num_embeddings == 64

@@ -46,6 +46,9 @@ class MllmConfig:
         return d
 
 
+SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size")
+
+
 def build_llm(spec: dict, vocab_size: int | None = None):
     """`{"path": DIR}` (pretrained, local) or `{"config": {...}}` (random init from a config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -54,7 +57,17 @@ def build_llm(spec: dict, vocab_size: int | None = None):
         llm = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32)
     elif spec.get("config"):
         cfg = dict(spec["config"])
+        if "model_type" not in cfg:
+            raise ValueError("model.llm.config: needs `model_type` (e.g. llama, qwen2)")
         model_type = cfg.pop("model_type")
+        # A config with no sizes silently gets the architecture's full default (7B-class for
+        # llama/qwen2: tens of GB at random init). Random-init models must say their size.
+        missing = [k for k in SIZE_KEYS if k not in cfg]
+        if missing:
+            raise ValueError(
+                f"model.llm.config: a random-init LLM needs its size; missing {missing} "
+                "(for pretrained weights use model.llm.path instead)"
+            )
         if vocab_size is not None:
             cfg["vocab_size"] = vocab_size
         llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
