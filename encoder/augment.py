@@ -28,14 +28,15 @@ numpy/PIL only (no jax, no torch).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from clocmllm.encoder.preprocess import CLIP_MEAN, RESAMPLE, boxes_to_unit, letterbox_image
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from clocmllm.boxes import Letterbox
+from clocmllm.encoder.config import checked_fields
+from clocmllm.encoder.preprocess import CLIP_MEAN, RESAMPLE, boxes_to_unit, letterbox_image
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,7 @@ class StrongAugment:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "<dict>") -> StrongAugment:
         """Build from a YAML mapping; unknown keys are errors naming `source`."""
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        for key in data:
-            if key not in known:
-                raise ValueError(f"{source}: unknown augmentation field {key!r}")
+        data = checked_fields(cls, data, source, "augmentation")
         for key in ("scale", "ratio", "blur_sigma"):
             if key in data:
                 data[key] = tuple(float(v) for v in data[key])

@@ -27,6 +27,20 @@ class ConfigError(ValueError):
     """A model config that cannot describe a model; the message names the source and field."""
 
 
+def checked_fields(cls: type, data: dict[str, Any] | None, source: str, what: str) -> dict[str, Any]:
+    """A copy of `data` after checking every key is a field of dataclass `cls`.
+
+    Every config section built from YAML (model, augmentations, recipes, the LCL LM) refuses
+    unknown keys the same way, naming the file/section and the key.
+    """
+    data = dict(data or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown {what} field {key!r}")
+    return data
+
+
 @dataclass
 class ModelConfig:
     """Sizes and numerics of the CLOC two-tower model (CLIP + prompter + grounding head).

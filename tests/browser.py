@@ -39,7 +39,11 @@ def browser_page():
     exe = chromium_path()
     with tempfile.TemporaryDirectory() as profile, sync_api.sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(
-            profile, executable_path=exe, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1100, "height": 800}
+            profile,
+            executable_path=exe,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1100, "height": 800},
         )
         try:
             yield ctx.new_page()

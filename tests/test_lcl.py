@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from micro import micro_model
 from PIL import Image
 
 from clocmllm.data.interleaved import (
@@ -32,25 +33,7 @@ S = 16
 
 @pytest.fixture(scope="module")
 def mc():
-    return load_model_config(
-        "tiny",
-        {
-            "image_size": S,
-            "patch_size": 8,
-            "vision_width": 32,
-            "vision_layers": 1,
-            "vision_heads": 2,
-            "vision_mlp_dim": 64,
-            "text_width": 32,
-            "text_layers": 1,
-            "text_heads": 2,
-            "text_mlp_dim": 64,
-            "embed_dim": 16,
-            "vocab_size": 40,
-            "context_length": 8,
-            "prompter_freqs": 4,
-        },
-    )
+    return load_model_config("tiny", micro_model(image_size=S, embed_dim=16, vocab_size=40, context_length=8))
 
 
 # ---------------------------------------------------------------- data

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from micro import micro_model
 
 from clocmllm.encoder.config import load_model_config
 from clocmllm.encoder.models.clip import CLIP, init_params
@@ -24,25 +25,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 @pytest.fixture(scope="module")
 def setup():
-    mc = load_model_config(
-        "tiny",
-        {
-            "image_size": S,
-            "patch_size": 8,
-            "vision_width": 32,
-            "vision_layers": 1,
-            "vision_heads": 2,
-            "vision_mlp_dim": 64,
-            "text_width": 32,
-            "text_layers": 1,
-            "text_heads": 2,
-            "text_mlp_dim": 64,
-            "embed_dim": 16,
-            "vocab_size": 40,
-            "context_length": T,
-            "prompter_freqs": 4,
-        },
-    )
+    mc = load_model_config("tiny", micro_model(image_size=S, embed_dim=16, vocab_size=40, context_length=T))
     model = CLIP(mc)
     cfg = rocket.Config(num_views=N)
     params = init_params(mc, 0)

@@ -18,29 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from micro import MICRO_MODEL
 
-MICRO = {
-    "preset": "tiny",
-    "image_size": 32,
-    "patch_size": 8,
-    "vision_width": 32,
-    "vision_layers": 1,
-    "vision_heads": 2,
-    "vision_mlp_dim": 64,
-    "text_width": 32,
-    "text_layers": 1,
-    "text_heads": 2,
-    "text_mlp_dim": 64,
-    "embed_dim": 32,
-    "context_length": 12,
-    "prompter_freqs": 4,
-}
 RECIPE = {
     "mode": "cloc",
     "steps": 8,
     "seed": 0,
     "progress": False,
-    "model": MICRO,
+    "model": {"preset": "tiny", **MICRO_MODEL},
     "data": {"batch_size": 8, "num_regions": 2, "threads": 1},
     "optim": {"lr": 3e-3, "warmup_steps": 1},
     "checkpoint": {"every": 2, "keep": 10},
@@ -98,7 +83,7 @@ def test_decay_mask_excludes_norms_biases_embeddings_scales():
     from clocmllm.encoder.models.clip import param_shapes
     from clocmllm.encoder.optimizer import decay_mask
 
-    shapes = param_shapes(load_model_config("tiny", {k: v for k, v in MICRO.items() if k != "preset"}))
+    shapes = param_shapes(load_model_config("tiny", MICRO_MODEL))
     flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(decay_mask(shapes))}
     assert flat["['visual']['layer_0']['attn']['qkv']['kernel']"] is True
     assert flat["['visual']['patch_embed']['kernel']"] is True

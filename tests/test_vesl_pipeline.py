@@ -191,31 +191,15 @@ def test_list_and_hf_dataset_inputs(world, tmp_path) -> None:
         assert im.size == photos[2].size
 
 
+def _label_args(world, out: Path, *extra: str) -> list[str]:
+    """`clocmllm label ...` arguments for the test world: one image a shard, tiny detector input."""
+    return ["label", "--images", str(world["images"]), "--captions", str(world["captions"]),
+            "--detector", str(world["owl"]), "--out", str(out), "--shard-size", "1", "--batch-size", "1",
+            "--image-size", "64", "--threshold", "0.3", "--no-progress", *extra]  # fmt: skip
+
+
 def _run_cli(world, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "clocmllm",
-        "label",
-        "--images",
-        str(world["images"]),
-        "--captions",
-        str(world["captions"]),
-        "--detector",
-        str(world["owl"]),
-        "--out",
-        str(out),
-        "--shard-size",
-        "1",
-        "--batch-size",
-        "1",
-        "--image-size",
-        "64",
-        "--threshold",
-        "0.3",
-        "--no-progress",
-        *extra,
-    ]
+    cmd = [sys.executable, "-m", "clocmllm", *_label_args(world, out, *extra)]
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
@@ -239,29 +223,7 @@ def test_cli_killed_after_first_shard_resumes(world, tmp_path) -> None:
         assert stats.with_name(stats.name.replace(".stats.json", ".jsonl")).is_file()
     from clocmllm.cli import main
 
-    assert (
-        main(
-            [
-                "label",
-                "--images",
-                str(world["images"]),
-                "--captions",
-                str(world["captions"]),
-                "--detector",
-                str(world["owl"]),
-                "--out",
-                str(out),
-                "--shard-size",
-                "1",
-                "--image-size",
-                "64",
-                "--threshold",
-                "0.3",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(_label_args(world, out)) == 0
     assert (out / "shard-00000.jsonl").stat().st_mtime_ns == first
     assert len(list(out.glob("shard-*.stats.json"))) == 6
     # shards finished before the kill were not redone (their done-markers are untouched) ...

@@ -10,7 +10,6 @@ image, in order). `captioner_from(...)` turns what the user has into one:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
-from clocmllm.data.problems import DataError, Problem
+from clocmllm.data.jsonl import iter_json_lines
+from clocmllm.data.problems import DataError, Problem, ProblemLog
 
 
 @runtime_checkable
@@ -114,23 +114,14 @@ class CaptionTable:
         path = Path(path)
         root = path.resolve().parent
         table: dict[str, str] = {}
-        with open(path, encoding="utf-8") as f:
-            for lineno, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise DataError(Problem(str(path), lineno, None, f"bad JSON line: {err}")) from None
-                image, caption = (
-                    (obj.get("image"), obj.get("caption")) if isinstance(obj, dict) else (None, None)
-                )
-                if not isinstance(image, str) or not image:
-                    raise DataError(Problem(str(path), lineno, "image", "missing or empty image path"))
-                if not isinstance(caption, str):
-                    raise DataError(Problem(str(path), lineno, "caption", "caption must be a string"))
-                table[image] = caption
-                table[os.path.normpath(os.path.join(root, image))] = caption
+        for lineno, obj in iter_json_lines(path, ProblemLog(strict=True)):
+            image, caption = (obj.get("image"), obj.get("caption")) if isinstance(obj, dict) else (None, None)
+            if not isinstance(image, str) or not image:
+                raise DataError(Problem(str(path), lineno, "image", "missing or empty image path"))
+            if not isinstance(caption, str):
+                raise DataError(Problem(str(path), lineno, "caption", "caption must be a string"))
+            table[image] = caption
+            table[os.path.normpath(os.path.join(root, image))] = caption
         return cls(table)
 
     def get(self, key: str, path: str | None) -> str | None:

@@ -9,7 +9,6 @@ image costs one skipped item, not the run.
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from clocmllm.data.problems import DataError, Problem
+from clocmllm.data.jsonl import iter_json_lines
+from clocmllm.data.problems import DataError, Problem, ProblemLog
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -73,21 +73,14 @@ def list_source(path: str | os.PathLike) -> ImageSource:
     path = Path(path)
     root = path.resolve().parent
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(Problem(str(path), lineno, None, f"bad JSON line: {err}")) from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
-                raise DataError(Problem(str(path), lineno, "image", "each line needs a non-empty image path"))
-            caption = obj.get("caption")
-            if caption is not None and not isinstance(caption, str):
-                raise DataError(Problem(str(path), lineno, "caption", "caption must be a string"))
-            image = obj["image"]
-            items.append(ImageItem(image, str(root / image) if not os.path.isabs(image) else image, caption))
+    for lineno, obj in iter_json_lines(path, ProblemLog(strict=True)):
+        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
+            raise DataError(Problem(str(path), lineno, "image", "each line needs a non-empty image path"))
+        caption = obj.get("caption")
+        if caption is not None and not isinstance(caption, str):
+            raise DataError(Problem(str(path), lineno, "caption", "caption must be a string"))
+        image = obj["image"]
+        items.append(ImageItem(image, str(root / image) if not os.path.isabs(image) else image, caption))
     return ImageSource(items, f"list:{path.resolve()}")
 
 

@@ -21,9 +21,9 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from clocmllm.encoder.evaluators.retrieval import mean_class_accuracy, normalize, recall_at_k
 
 from clocmllm.data.regions import RegionRecord
+from clocmllm.encoder.evaluators.retrieval import mean_class_accuracy, normalize, recall_at_k
 
 
 def evaluate_records(

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clocmllm.encoder.preprocess import boxes_to_unit, preprocess_image
-from clocmllm.encoder.roi_align import roi_pool_tokens
 from PIL import Image
 
 from clocmllm.data.regions import RegionRecord
+from clocmllm.encoder.preprocess import boxes_to_unit, preprocess_image
+from clocmllm.encoder.roi_align import roi_pool_tokens
 
 
 @dataclass

@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from clocmllm.encoder.evaluators.features import _jitted, embed_texts
-from clocmllm.encoder.evaluators.retrieval import mean_class_accuracy, normalize
-from clocmllm.encoder.preprocess import preprocess_image
 from PIL import Image
 
 from clocmllm.data.regions import RegionRecord
+from clocmllm.encoder.evaluators.features import _jitted, embed_texts
+from clocmllm.encoder.evaluators.retrieval import mean_class_accuracy, normalize
+from clocmllm.encoder.preprocess import preprocess_image
 
 TEMPLATES = ("{}", "a {}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from clocmllm.encoder.losses.normalize import l2_normalize, temperature
 
 

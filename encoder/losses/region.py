@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from clocmllm.encoder.losses.normalize import l2_normalize, temperature
 
 _MASKED = -1e9  # finite "minus infinity": keeps logsumexp and its gradient finite

@@ -19,13 +19,14 @@ Choices (ours; the paper's code is not bound by CLOC's contract):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clocmllm.encoder.config import checked_fields
 from clocmllm.encoder.models.transformer import Block, normal
 
 
@@ -45,11 +46,7 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "<lm>") -> LMConfig:
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        for key in data:
-            if key not in known:
-                raise ValueError(f"{source}: unknown LM field {key!r}")
+        data = checked_fields(cls, data, source, "LM")
         cfg = cls(**data)
         for name, heads in (("heads", cfg.heads), ("pooler_heads", cfg.pooler_heads)):
             if heads <= 0 or cfg.width % heads:

@@ -24,22 +24,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clocmllm.encoder.config import ModelConfig
-from clocmllm.encoder.input_pipeline import PipelineConfig
-from clocmllm.encoder.losses import l2_normalize, temperature
-from clocmllm.encoder.models.lcl_lm import LCLModel, LMConfig
-from clocmllm.encoder.preprocess import preprocess_image
 from PIL import Image
 
 from clocmllm.data.interleaved import InterleavedDoc
 from clocmllm.data.problems import ProblemLog
+from clocmllm.encoder.config import ModelConfig, checked_fields
+from clocmllm.encoder.input_pipeline import PipelineConfig
+from clocmllm.encoder.losses import l2_normalize, temperature
+from clocmllm.encoder.models.lcl_lm import LCLModel, LMConfig
+from clocmllm.encoder.preprocess import preprocess_image
 
 PARAM_KEY = "lcl"
 LossFn = Callable[[dict, dict], tuple[jax.Array, dict]]
@@ -61,11 +61,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "<lcl>") -> Config:
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        for key in data:
-            if key not in known:
-                raise ValueError(f"{source}: unknown lcl field {key!r}")
+        data = checked_fields(cls, data, source, "lcl")
         if "lm" in data:
             data["lm"] = LMConfig.from_dict(data["lm"], f"{source}: lm")
         cfg = cls(**data)

@@ -25,19 +25,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+
 from clocmllm.encoder.augment import StrongAugment, strong_view, unit_to_pixel_boxes
 from clocmllm.encoder.caption_augment import CaptionAugment
-from clocmllm.encoder.config import ModelConfig
+from clocmllm.encoder.config import ModelConfig, checked_fields
 from clocmllm.encoder.losses import clip_softmax_loss, grounding_loss, region_text_loss, region_weight
 from clocmllm.encoder.preprocess import normalize
-from PIL import Image
 
 PARAM_KEY = "rocket"
 LossFn = Callable[[dict, dict], tuple[jax.Array, dict]]
@@ -59,11 +60,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "<rocket>") -> Config:
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        for key in data:
-            if key not in known:
-                raise ValueError(f"{source}: unknown rocket field {key!r}")
+        data = checked_fields(cls, data, source, "rocket")
         if "augment" in data:
             data["augment"] = StrongAugment.from_dict(data["augment"], f"{source}: augment")
         if "caption" in data:
