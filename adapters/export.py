@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from clocmllm.adapters import hf_config, names, parity
 from clocmllm.adapters.folder_io import staging_folder, write_json, write_safetensors
 from clocmllm.adapters.hf_config import ExportError

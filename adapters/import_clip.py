@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from clocmllm.adapters import names
 from clocmllm.adapters.hf_config import ExportError, model_fields_from_hf
 
@@ -68,6 +69,7 @@ def import_clip(
     determine cannot be overridden (the weights would not fit).
     """
     import jax
+
     from clocmllm.encoder.checkpoints import save_params
     from clocmllm.encoder.config import ConfigError, ModelConfig
     from clocmllm.encoder.models.clip import CLIP

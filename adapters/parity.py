@@ -37,8 +37,9 @@ def parity_inputs(
     image_size: int, embed_dim: int, n_random: int = 1, real: tuple[str, ...] = REAL_IMAGES, seed: int = 0
 ) -> dict[str, Any]:
     """Normalised images [B, S, S, 3] (random + letterboxed real photos), boxes, text embeddings."""
-    from clocmllm.encoder.preprocess import preprocess_image
     from PIL import Image
+
+    from clocmllm.encoder.preprocess import preprocess_image
 
     try:  # scikit-image ships these photos (no download); it is a dev extra, so optional here
         from skimage import data as skdata
@@ -81,6 +82,7 @@ def jax_outputs(cfg: Any, params: dict, inputs: dict, token_ids: np.ndarray | No
     """Reference outputs of the JAX model (float32 compute)."""
     import jax
     import jax.numpy as jnp
+
     from clocmllm.encoder.models.clip import CLIP
 
     cfg = cfg.replace(dtype="float32", remat=False)

@@ -22,9 +22,24 @@ def _metric(results: dict, stage: str, key: str):
     return None if value is None else float(value)
 
 
-def _seconds(results: dict, *stages: str) -> float | None:
-    done = [results[s].seconds for s in stages if s in results and results[s].status == "done"]
+def _seconds(results: dict, *stages: str, attr: str = "seconds") -> float | None:
+    done = [getattr(results[s], attr) for s in stages if s in results and results[s].status == "done"]
     return round(sum(done), 1) if done else None
+
+
+def _stage_times(results: dict, recipes: list[str], attr: str) -> dict[str, float | None]:
+    """Stage times grouped as report.json's `timings_s` / `cpu_s`, plus their total."""
+    times = {
+        "world": _seconds(results, "world", attr=attr),
+        **{f"pretrain_{r}": _seconds(results, f"pretrain_{r}", attr=attr) for r in recipes},
+        "export": _seconds(results, *[f"export_{r}" for r in recipes], attr=attr),
+        **{f"finetune_{r}": _seconds(results, f"finetune_{r}", attr=attr) for r in recipes},
+        "eval": _seconds(
+            results, *[f"eval_encoder_{r}" for r in recipes], *[f"eval_mllm_{r}" for r in recipes], attr=attr
+        ),
+    }
+    times["total"] = round(sum(v for v in times.values() if v is not None), 1)
+    return times
 
 
 def build_report(results: dict, plan, wall_seconds: float) -> dict:
@@ -60,16 +75,7 @@ def build_report(results: dict, plan, wall_seconds: float) -> dict:
             "met": None if g_cloc is None or g_clip is None else g_cloc > g_clip,
         },
     }
-    timings = {
-        "world": _seconds(results, "world"),
-        **{f"pretrain_{r}": _seconds(results, f"pretrain_{r}") for r in recipes},
-        "export": _seconds(results, *[f"export_{r}" for r in recipes]),
-        **{f"finetune_{r}": _seconds(results, f"finetune_{r}") for r in recipes},
-        "eval": _seconds(
-            results, *[f"eval_encoder_{r}" for r in recipes], *[f"eval_mllm_{r}" for r in recipes]
-        ),
-    }
-    timings["total"] = round(sum(v for v in timings.values() if v is not None), 1)
+    timings = _stage_times(results, recipes, "seconds")
     timings["wall_this_run"] = round(wall_seconds, 1)
     return {
         "plan": plan.name,
@@ -79,6 +85,7 @@ def build_report(results: dict, plan, wall_seconds: float) -> dict:
         "export": export,
         "mllm": mllm,
         "timings_s": timings,
+        "cpu_s": _stage_times(results, recipes, "cpu_seconds"),
         "targets": targets,
         "stages": {name: {"status": r.status, "message": r.message} for name, r in results.items()},
     }
@@ -86,6 +93,10 @@ def build_report(results: dict, plan, wall_seconds: float) -> dict:
 
 def _fmt(v) -> str:
     return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _fmt_s(v) -> str:
+    return "—" if v is None else f"{v:.1f}"
 
 
 def _fmt_diff(v) -> str:
@@ -197,9 +208,15 @@ def write_report(workdir: Path, report: dict, results: dict) -> None:
         "",
         "## Timings (s)",
         "",
-        "| stage | seconds |",
-        "|---|---|",
-        *[f"| {k} | {'—' if v is None else f'{v:.1f}'} |" for k, v in report["timings_s"].items()],
+        "CPU: user + system seconds of the stage's processes (both cores count), a measure that",
+        "depends much less than wall time on what else the machine runs.",
+        "",
+        "| stage | wall | CPU |",
+        "|---|---|---|",
+        *[
+            f"| {k} | {_fmt_s(v)} | {_fmt_s(report.get('cpu_s', {}).get(k))} |"
+            for k, v in report["timings_s"].items()
+        ],
         "",
         "## Stages",
         "",

@@ -202,6 +202,47 @@ class RegionDataset:
         }
 
 
+# Phrase lengths the trimmed region-text array may take: few shapes, so few recompiles.
+PHRASE_BUCKETS = (4, 8, 16, 32, 64)
+
+
+def phrase_length(tokens: np.ndarray, valid: np.ndarray, eot_token_id: int) -> int:
+    """Shortest length [.., :L] that keeps the first EOT of every valid row of `tokens` [.., T].
+
+    A valid row without EOT (truncated by a tokenizer that drops it) needs all T tokens: the
+    text tower pools such a row at its last position. Invalid rows do not count (their
+    embeddings are masked out of every loss term).
+    """
+    t = tokens.shape[-1]
+    is_eot = tokens == eot_token_id
+    need = np.where(is_eot.any(-1), is_eot.argmax(-1) + 1, t)
+    need = np.where(valid.astype(bool), need, 0)
+    return int(need.max(initial=1))
+
+
+def trim_region_text(batch: dict[str, np.ndarray], eot_token_id: int) -> dict[str, np.ndarray]:
+    """The batch with `region_text` [b, M, T] cut to the smallest bucket length that keeps
+    every valid phrase's first EOT (`PHRASE_BUCKETS`, at most T).
+
+    Why this is exact: the text tower is causal and pools at the first EOT, so the tokens
+    after it cannot change a phrase's embedding (nor receive gradient). Noun phrases are 2-6
+    words, so at `data.region_context_length: 16` the CLOC step's extra text pass over B*M
+    phrases shrinks ~2x (3 words + SOT + EOT = 5 -> 8 tokens). Bucketing bounds the jitted
+    step to a few shapes. With several hosts every host must trim to the same length, so
+    the trainer only trims on a single process (tests/test_encoder_pipeline.py checks loss
+    and gradients equal trimmed vs untrimmed).
+    """
+    if "region_text" not in batch:
+        return batch
+    tokens = batch["region_text"]
+    t = tokens.shape[-1]
+    need = phrase_length(tokens, batch["region_valid"], eot_token_id)
+    length = next((b for b in PHRASE_BUCKETS if b >= need), t)
+    if length >= t:
+        return batch
+    return {**batch, "region_text": np.ascontiguousarray(tokens[..., :length])}
+
+
 def sample_regions(count: int, m: int, rng: np.random.Generator) -> list[int]:
     """Indices of up to `m` regions: random without replacement when more, all when fewer."""
     if count <= m:

@@ -72,6 +72,9 @@ DEFAULTS: dict[str, Any] = {
     "cloc": {"text_filter": 0.9},  # drop region negatives whose text cosine is above this
     "mesh": {"data": -1, "fsdp": 1},
     "distributed": False,  # jax.distributed.initialize() when multi-host env vars exist
+    # glibc malloc tuning for CPU steps (encoder/host_malloc.py): reuse | glibc | auto (reuse
+    # for small steps only, see `wants_malloc_reuse`)
+    "malloc": "auto",
     "checkpoint": {"every": 500, "keep": 3},
     "log_every": 10,
     "eval_every": 0,  # 0: only at the end (when an eval split exists)
@@ -261,8 +264,9 @@ def make_loss_fn(model, cfg: dict):
             b, mm, t = batch["region_text"].shape
             rtext = m.encode_text(batch["region_text"].reshape(b * mm, t)).reshape(b, mm, -1)
             out["region_text_emb"] = rtext
-            out["region_emb"], _ = m.region_embed(tokens, batch["region_boxes"])
-            _, feat = m.text_prompt_embed(tokens, rtext)
+            (out["region_emb"], _), (_, feat) = m.region_and_text_prompt_embed(
+                tokens, batch["region_boxes"], rtext
+            )
             out["pred_boxes"] = m.ground(feat)
         return out
 
@@ -318,6 +322,42 @@ def make_train_step(model, tx, schedule, cfg: dict, loss_fn=None):
         return new, metrics
 
     return train_step
+
+
+# batch x image tokens x vision width x vision layers up to which `malloc: auto` tunes malloc
+MALLOC_REUSE_MAX_ACTIVATIONS = 8_000_000
+
+
+def wants_malloc_reuse(mode: str, model: Mapping, batch_size: int) -> bool:
+    """Whether `train()` applies `host_malloc.reuse_freed_memory()` (config key `malloc`).
+
+    `auto` is a size rule fitted to three measurements (docs/benchmarks.md, "where the CPU
+    time goes", item 6): `tiny` at batch 64 (0.5M by this product) gained 15% of the step and
+    kept its peak RSS; ViT-S/16 at batch 8 (7.3M) gained 7% at +5% peak RSS; ViT-S/16 at batch
+    32 (29M) gained nothing and its peak RSS went 4.9 -> 11.3 GB (heap fragmentation by a GB-sized
+    temp buffer that is no longer unmapped). So: tune below 8M, leave glibc alone above.
+    """
+    if mode not in ("auto", "reuse", "glibc"):
+        raise ValueError(f"malloc: {mode!r} must be 'auto', 'reuse' or 'glibc'")
+    if mode != "auto":
+        return mode == "reuse"
+    tokens = (model["image_size"] // model["patch_size"]) ** 2 + 1
+    size = batch_size * tokens * model["vision_width"] * model["vision_layers"]
+    return size <= MALLOC_REUSE_MAX_ACTIVATIONS
+
+
+def step_compiler_options() -> dict | None:
+    """XLA options for the jitted train step: on CPU, prefer 512-bit vectors.
+
+    XLA CPU's LLVM codegen defaults to 256-bit vectors; on AVX-512 CPUs the elementwise
+    fusions (sigmoid/erf GELU, softmax, LayerNorm) run up to 2x faster at 512 (quick_gelu
+    on [4160, 256]: 0.61 -> 0.41 ms) and the `tiny` CLIP step ~7% faster, one thread
+    (docs/benchmarks.md). A preference only: CPUs without AVX-512 keep their widest vectors.
+    Same numerics (no fast-math). Other backends get no options.
+    """
+    import jax
+
+    return {"xla_cpu_prefer_vector_width": 512} if jax.default_backend() == "cpu" else None
 
 
 # ======================================================================== state creation / resumption
@@ -420,13 +460,23 @@ def train(
 
     from clocmllm.data.problems import ProblemLog
     from clocmllm.encoder import checkpoints as ck
-    from clocmllm.encoder.input_pipeline import BatchIterator, PipelineConfig, RegionDataset, load_records
+    from clocmllm.encoder.input_pipeline import (
+        BatchIterator,
+        PipelineConfig,
+        RegionDataset,
+        load_records,
+        trim_region_text,
+    )
     from clocmllm.encoder.models.clip import CLIP
     from clocmllm.encoder.optimizer import build_optimizer
     from clocmllm.encoder.sharding import batch_sharding, make_mesh, maybe_initialize_distributed, shard_batch
 
     # ---- config, workdir, compatibility
     cfg = resolve_config(config, data, steps)
+    if wants_malloc_reuse(cfg["malloc"], cfg["model"], int(cfg["data"]["batch_size"])):
+        from clocmllm.encoder.host_malloc import reuse_freed_memory
+
+        reuse_freed_memory()  # before JAX's CPU client starts its threads (see host_malloc.py)
     maybe_initialize_distributed(bool(cfg["distributed"]))
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -523,6 +573,7 @@ def train(
         in_shardings=(shardings, bs),
         out_shardings=(shardings, None),
         donate_argnums=(0,),
+        compiler_options=step_compiler_options(),
     )
 
     # ---- loop
@@ -532,6 +583,9 @@ def train(
     eval_every = int(cfg["eval_every"])
     delay = float(cfg["debug"]["step_delay_s"])
     it = BatchIterator(dataset, start_step=start)
+    # region phrases cut to their longest first EOT (bucketed; exact, see trim_region_text);
+    # one host only, since every host's batch must have the same shape
+    trim_phrases = cfg["mode"] == "cloc" and cfg["recipe"] != "lcl" and jax.process_count() == 1
     bar = tqdm(
         total=total, initial=start, desc="pretrain", disable=not cfg["progress"] or jax.process_index() != 0
     )
@@ -542,6 +596,8 @@ def train(
     try:
         for step in range(start, total):
             host = next(it)
+            if trim_phrases:
+                host = trim_region_text(host, mc.eot_token_id)
             if step == int(cfg["debug"]["nan_at_step"]):
                 host["images"] = np.full_like(host["images"], np.nan)
             batch = shard_batch({k: v for k, v in host.items() if k != "index"}, mesh)
@@ -641,5 +697,6 @@ def _run_eval(model, params, cfg: dict, records, tokenize) -> dict:
     from clocmllm.encoder.evaluators import evaluate_records
 
     return evaluate_records(
-        model, params, records, tokenize, mode=cfg["mode"], batch_size=int(cfg["eval"]["batch_size"])
-    )
+        model, params, records, tokenize, mode=cfg["mode"], batch_size=int(cfg["eval"]["batch_size"]),
+        lcl=(cfg["lcl"] or {}) if cfg["recipe"] == "lcl" else None,  # LCL's own heads (evaluators/lcl.py)
+    )  # fmt: skip

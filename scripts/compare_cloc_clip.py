@@ -1,6 +1,6 @@
 """CLOC vs CLIP on the synthetic world: same data, model, budget; region retrieval of each.
 
-    python scripts/compare_cloc_clip.py --world W --out runs/compare [--steps N]
+    python scripts/compare_cloc_clip.py --world W --out runs/compare [--steps N] [--recipes demo]
 
 Trains `scripts/recipes/tiny_clip.yaml` and `tiny_cloc.yaml` on W (a world made by
 `clocmllm world --out W --train 2000 --eval 200 --seed 0`), then evaluates both on W's
@@ -8,6 +8,8 @@ held-out eval split: the CLIP baseline's regions by RoI-Align, CLOC's by its pro
 Expected: ~2 x 6 min on 2 busy CPU cores at the recipes' 800 steps; CLOC's region
 retrieval R@1 well above the CLIP baseline's (figures in docs/pretraining.md).
 Runs in existing workdirs resume (or are reused when finished).
+`--recipes demo` compares the demo's pair instead (`demo_clip.yaml`, `demo_cloc.yaml`: 1500
+steps; docs/demo.md tuning log runs r9 / r9-clip, on a 4000/300 world).
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ def main() -> None:
     ap.add_argument("--world", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--recipes", choices=("tiny", "demo"), default="tiny", help="which recipe pair")
     args = ap.parse_args()
     out = Path(args.out)
     rows = {}
     for mode in ("clip", "cloc"):
-        cfg = load_recipe(RECIPES / f"tiny_{mode}.yaml")
+        cfg = load_recipe(RECIPES / f"{args.recipes}_{mode}.yaml")
         t0 = time.perf_counter()
         summary = train(cfg, out / mode, data=args.world, steps=args.steps)
         train_s = time.perf_counter() - t0

@@ -75,6 +75,11 @@ def test_every_stage_done_and_every_key_measured(demo_run):
     assert timings["total"] == pytest.approx(
         sum(timings[k] for k in timings if k not in ("total", "wall_this_run")), abs=0.5
     )
+    cpu = report["cpu_s"]  # CPU seconds of each stage's subprocesses, same grouping
+    assert set(cpu) == set(timings) - {"wall_this_run"}
+    for k in ("world", "pretrain_clip", "pretrain_cloc", "export", "finetune_clip", "finetune_cloc", "eval"):
+        assert _is_number(cpu[k]) and cpu[k] > 0, k
+    assert cpu["total"] == pytest.approx(sum(cpu[k] for k in cpu if k != "total"), abs=0.5)
     for name, t in report["targets"].items():
         assert isinstance(t["met"], bool), name  # every figure it needs was measured
     gain = report["targets"]["cloc_region_r1_gain_points"]

@@ -214,3 +214,50 @@ def test_region_weight_and_total():
     assert float(total) == pytest.approx(2.0 + 0.5 * (3.0 + 0.25))
     assert float(metrics["lambda"]) == pytest.approx(0.5)
     assert set(metrics) >= {"loss", "loss_clip", "loss_region", "loss_ground", "lambda"}
+
+
+def test_trimmed_region_phrases_give_the_same_cloc_loss_and_gradients():
+    """trim_region_text (the trainer's cut of phrases after their first EOT) is exact."""
+    from micro import micro_model
+
+    from clocmllm.encoder.config import load_model_config
+    from clocmllm.encoder.input_pipeline import trim_region_text
+    from clocmllm.encoder.models.clip import CLIP, init_params
+    from clocmllm.encoder.trainer import DEFAULTS, deep_merge, make_loss_fn
+
+    mc = load_model_config("tiny", micro_model(context_length=16, eot_token_id=3))
+    model = CLIP(mc)
+    params = init_params(mc, 0)
+    rng = np.random.default_rng(0)
+    b, m, t = 3, 2, 16
+    rtext = np.zeros((b, m, t), np.int32)
+    for i in range(b):
+        for j in range(m):
+            n = int(rng.integers(2, 7))  # 2-6 words + SOT + EOT
+            rtext[i, j, : n + 2] = [1, *rng.integers(4, mc.vocab_size, n), 3]
+    valid = np.array([[True, True], [True, False], [True, True]])
+    rtext[1, 1] = 0
+    text = np.zeros((b, t), np.int32)
+    text[:, :6] = [1, 5, 6, 7, 8, 3]
+    batch = {
+        "images": rng.normal(size=(b, mc.image_size, mc.image_size, 3)).astype(np.float32),
+        "text": text,
+        "region_boxes": np.tile(np.array([0.1, 0.2, 0.6, 0.7], np.float32), (b, m, 1)),
+        "region_valid": valid,
+        "region_text": rtext,
+    }
+    trimmed = trim_region_text(batch, mc.eot_token_id)
+    assert trimmed["region_text"].shape[-1] == 8 < t
+    grad = _jit(jax.value_and_grad(make_loss_fn(model, deep_merge(DEFAULTS, {"mode": "cloc"})), has_aux=True))
+    (l_full, _), g_full = grad(params, batch)
+    (l_trim, _), g_trim = grad(params, trimmed)
+    assert abs(float(l_full) - float(l_trim)) <= 1e-6
+
+    # the weight gradients sum over B*M*T rows: another T reorders the float32 sums, so
+    # compare relative to each gradient's scale
+    def rel(a, c):
+        return float(jnp.max(jnp.abs(a - c)) / max(1.0, float(jnp.max(jnp.abs(a)))))
+
+    rel = jax.tree.map(rel, g_full, g_trim)
+    assert max(jax.tree.leaves(rel)) <= 1e-6
+    assert float(jnp.abs(g_full["text"]["pos_embed"][8:]).max()) == 0.0  # nothing reads past EOT

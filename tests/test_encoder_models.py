@@ -137,10 +137,14 @@ def test_forward_every_method(tiny):
         emb, feat = m.apply(v, tokens, boxes, method="region_embed")
         temb, tfeat = m.apply(v, tokens, jnp.stack([txt, txt], 1), method="text_prompt_embed")
         pred = m.apply(v, tfeat, method="ground")
-        return out, tokens, img, txt, emb, feat, temb, tfeat, pred
+        both = m.apply(v, tokens, boxes, jnp.stack([txt, txt], 1), method="region_and_text_prompt_embed")
+        return out, tokens, img, txt, emb, feat, temb, tfeat, pred, both
 
     run = jax.jit(every_method, compiler_options=FAST_COMPILE)
-    out, tokens, img, txt, emb, feat, temb, tfeat, pred = run(v, images, ids, boxes)
+    out, tokens, img, txt, emb, feat, temb, tfeat, pred, both = run(v, images, ids, boxes)
+    # one prompter pass for both prompt kinds (shared image keys/values) = the two separate ones
+    for got, want in zip(jax.tree.leaves(both), (emb, feat, temb, tfeat), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert tokens.shape == (2, cfg.num_patches + 1, cfg.vision_width)
     np.testing.assert_allclose(out["image_emb"], img, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["text_emb"], txt, rtol=1e-5, atol=1e-5)
@@ -221,6 +225,12 @@ def test_text_pools_first_eot_and_is_causal(tiny):
     got = Jitted(block).apply({"params": p["layer_0"]}, jnp.asarray(x, jnp.float32)[None])[0]
     ref = _np_block(x, p["layer_0"], cfg.text_heads, 1e-5, causal=True)
     np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4)
+    # the last block runs its MLP on the pooled rows only (Block.at_rows): same rows
+    rows = jnp.asarray([3], jnp.int32)
+    last = Jitted(block).apply(
+        {"params": p["layer_0"]}, jnp.asarray(x, jnp.float32)[None], rows, method="at_rows"
+    )
+    np.testing.assert_allclose(last[0], got[3], rtol=1e-5, atol=1e-6)
 
 
 def test_prompter_box_sensitivity_and_padding_independence(tiny):

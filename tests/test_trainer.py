@@ -247,8 +247,9 @@ def test_recipes_run_through_the_trainer(setup, recipe, extra, metric):
     )
 
 
-def test_lcl_and_cloc_pretrain_on_an_interleaved_jsonl(setup):
-    """MMC4/OBELICS-like documents: LCL reads them as documents, paired recipes as pairs."""
+def test_recipes_pretrain_on_an_interleaved_jsonl(setup):
+    """MMC4/OBELICS-like documents: LCL reads them as documents, the paired recipes (CLOC,
+    clip-rocket) as (image, neighbouring text) pairs without regions."""
     from clocmllm.data.interleaved import (
         InterleavedDoc,
         Segment,
@@ -271,7 +272,8 @@ def test_lcl_and_cloc_pretrain_on_an_interleaved_jsonl(setup):
     lcl = ["--set", "recipe=lcl", "--set", "mode=clip", "--set", "lcl.max_images=8", "--set", "lcl.seq_len=48",
            "--set", "lcl.lm.max_len=48", "--set", "lcl.lm.width=32", "--set", "lcl.lm.mlp_dim=64",
            "--set", "lcl.lm.layers=1"]  # fmt: skip
-    for name, extra in (("lcl_docs", lcl), ("cloc_docs", [])):
+    rocket = ["--set", "recipe=rocket", "--set", "rocket.num_views=1"]  # mode cloc: region terms on
+    for name, extra in (("lcl_docs", lcl), ("cloc_docs", []), ("rocket_docs", rocket)):
         workdir = root / name
         proc = cli(setup, workdir, "--steps", "2", *extra, "--data", str(path))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -79,6 +79,27 @@ def test_preprocessing_matches_processor_geometry(owl_dirs) -> None:
     assert corr > 0.97
 
 
+@pytest.mark.parametrize("pad_square", [True, False], ids=["pad", "stretch"])
+def test_uint8_preprocessing_is_within_one_level_of_float(pad_square: bool) -> None:
+    """The uint8 resize (fast path) against the same pad + antialiased resize done in float32."""
+    mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
+    images = [
+        _photo(),
+        _photo().convert("L").crop((0, 0, 300, 200)),
+        Image.new("RGB", (20, 30), (9, 99, 199)),
+    ]
+    ours = preprocess_images(images, 64, mean, std, pad_square)
+    for img, got in zip(images, ours, strict=True):
+        x = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float() / 255
+        h, w = x.shape[1:]
+        if pad_square:
+            x = torch.nn.functional.pad(x, (0, max(h, w) - w, 0, max(h, w) - h))
+        x = torch.nn.functional.interpolate(x[None], size=(64, 64), mode="bilinear", antialias=True)[0]
+        want = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        levels = ((got - want).abs() * torch.tensor(std)[:, None, None] * 255).max()
+        assert levels <= 1.0 + 1e-3  # rounding to uint8, nothing more
+
+
 @pytest.mark.parametrize("which", [0, 1], ids=["owlv2", "owlvit"])
 def test_boxes_match_transformers_post_processing(owl_dirs, which: int) -> None:
     det = OwlDetector(owl_dirs[which], image_size=64, threshold=0.0, nms_iou=1.0, exact_preprocessing=True)

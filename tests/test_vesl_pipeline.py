@@ -22,6 +22,9 @@ from clocmllm.vesl.random_owl import build_random_owl
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+# Tiny models on a shared 2-core box: one torch thread (see conftest.py) keeps timings steady.
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 PHOTOS = {
     "astronaut": "A woman in a white space suit holding an American flag.",
     "coffee": "A cup of coffee on a wooden table with a silver spoon.",
@@ -275,3 +278,130 @@ def test_pretrain_runs_on_vesl_labels(world, tmp_path) -> None:
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert (tmp_path / "run").is_dir() and any((tmp_path / "run").iterdir())
+
+
+class _DetectOnly:
+    """A detector with nothing but `detect` (the protocol's minimum): no loader-side preparation."""
+
+    def __init__(self, inner: OwlDetector):
+        self.inner = inner
+
+    def detect(self, images, phrases):
+        return self.inner.detect(images, phrases)
+
+
+def _outputs(out: Path) -> dict[str, object]:
+    """Every output file's content, stats without their timings."""
+    got: dict[str, object] = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and p.name != "plan.json" and not p.name.startswith("metrics-"):
+            if p.name.endswith(".stats.json"):
+                stats = json.loads(p.read_text())
+                got[p.name] = {k: v for k, v in stats.items() if k not in ("seconds", "model_seconds")}
+            else:
+                got[p.relative_to(out).as_posix()] = p.read_bytes()
+    return got
+
+
+@pytest.mark.parametrize("mode", ["captions", "captioner", "detect_only"])
+def test_prefetch_across_shards_gives_the_inline_result(world, tmp_path, mode: str) -> None:
+    """The loader thread (prefetch 2) against everything inline (prefetch 0): identical files, with
+    shards of 1-3 images so that the unreadable image (sorted second) sits at a shard boundary."""
+    detector = _DetectOnly(world["detector"]) if mode == "detect_only" else world["detector"]
+    given = {"captioner": (lambda im: f"a red apple next to a {im.size[0]} pixel wide box")}
+    if mode != "captioner":
+        given = {"captions": world["captions"]}
+    configs = {"captions": ((1, 1), (2, 2), (3, 2)), "captioner": ((1, 1),), "detect_only": ((2, 2),)}
+    for shard_size, batch_size in configs[mode]:
+        outs = []
+        for prefetch in (0, 2):
+            out = tmp_path / f"{shard_size}-{prefetch}"
+            s = label(
+                out,
+                detector=detector,
+                images=world["images"],
+                shard_size=shard_size,
+                batch_size=batch_size,
+                prefetch=prefetch,
+                progress=False,
+                **given,
+            )
+            assert s.images == 6 and s.skipped_images == 1 and s.regions > 0
+            if mode == "captions":  # model time is the forward passes, inside their stage's time
+                assert s.stages["detector_model"]["wall"] >= s.model_seconds - 1e-3 > 0
+            outs.append(_outputs(out))
+        assert outs[0] == outs[1]
+        assert len([k for k in outs[0] if k.endswith(".stats.json")]) == -(-6 // shard_size)
+
+
+def test_loader_prepares_next_shard_while_model_runs(world, tmp_path) -> None:
+    """Shard 1's first image is decoded while the model still runs on shard 0's last batch (the
+    forward pass below waits for it; without cross-shard prefetch it would time out), and the
+    loader opens images in input order."""
+    import threading
+
+    from clocmllm.vesl.sources import folder_source
+
+    source = folder_source(world["images"])
+    opened: list[str] = []
+    second_shard_started = threading.Event()
+    for i, item in enumerate(source.items):
+
+        def spy(item=item, i=i, real=item.open):
+            opened.append(item.key)
+            if i == 2:
+                second_shard_started.set()
+            return real()
+
+        item.open = spy
+    inner = world["detector"]
+    waited: list[bool] = []
+
+    class Blocking:
+        prepare, postprocess = inner.prepare, inner.postprocess
+
+        @staticmethod
+        def forward(inputs):
+            if not waited:  # shard 0's last (only) batch
+                waited.append(second_shard_started.wait(timeout=20))
+            return inner.forward(inputs)
+
+    s = label(
+        tmp_path / "out",
+        detector=Blocking(),
+        source=source,
+        captions=world["captions"],
+        shard_size=2,
+        batch_size=2,
+        progress=False,
+    )
+    assert waited == [True]
+    assert opened == [it.key for it in source.items]
+    assert s.shards_done_now == [0, 1, 2] and s.images == 6
+    assert set(s.loader_stages) >= {"decode", "phrases", "detector_prepare"}
+
+
+def test_loader_error_stops_cleanly_after_finished_shards(world, tmp_path) -> None:
+    """An error in the loader thread (here the phrase extractor on shard 1's caption) surfaces in
+    the caller when that batch is reached: earlier shards are finished, the failing one is not,
+    the thread is gone, and a rerun completes the rest."""
+    import threading
+
+    from clocmllm.vesl.phrases import PhraseExtractor
+
+    real = PhraseExtractor()
+
+    def fragile(caption: str) -> list[str]:
+        if "camera" in caption:  # camera.jpg: sorted third, the first image of shard 1
+            raise RuntimeError("tagger broke")
+        return real(caption)
+
+    out = tmp_path / "out"
+    kw = dict(detector=world["detector"], images=world["images"], captions=world["captions"], shard_size=2)
+    with pytest.raises(RuntimeError, match="tagger broke"):
+        label(out, extractor=fragile, batch_size=1, progress=False, **kw)
+    assert (out / "shard-00000.stats.json").is_file()
+    assert not (out / "shard-00001.stats.json").exists() and not (out / "shard-00001.jsonl").exists()
+    assert not any(t.name.startswith("vesl-loader") for t in threading.enumerate())
+    s = label(out, extractor=real, progress=False, **kw)
+    assert s.shards_skipped == [0] and s.shards_done_now == [1, 2]

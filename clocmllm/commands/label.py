@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", default="image", help="--hf-dataset image column")
     parser.add_argument("--caption-column", default="caption", help="--hf-dataset caption column")
     parser.add_argument("--device", default="cpu", help="torch device for the models (default cpu)")
+    parser.add_argument(
+        "--prefetch", type=int, default=2, help="batches decoded and prepared ahead in a thread (0: none)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -57,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         max_phrases=args.max_phrases,
         image_column=args.image_column,
         caption_column=args.caption_column,
+        prefetch=args.prefetch,
         progress=not args.no_progress,
     )
     print(

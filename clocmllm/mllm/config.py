@@ -17,6 +17,8 @@ DEFAULTS: dict = {
             "trainable": False,
         },
         "connector": "mlp2x_gelu",
+        "connector_pos": "none",  # none | sincos2d | learned: (row, col) added to image tokens
+        "image_position": "first",  # first | after_prompt: where <image> sits in the first message
         "regions": "shared",
         "template": "v1",
         "llm": {},
@@ -46,6 +48,7 @@ DEFAULTS: dict = {
         "log_every": 1,
         "output_dir": "runs/mllm",
         "plot": True,
+        "token_loss_weights": None,  # {regex on the token string: weight}, token_weights.py
     },
 }
 

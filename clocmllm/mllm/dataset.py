@@ -65,6 +65,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         template: str = "auto",
         max_length: int = 2048,
         problems: ProblemLog | None = None,
+        image_position: str = "first",
     ):
         self.path = Path(path)
         self.tokenizer = tokenizer
@@ -77,7 +78,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         for i, rec in enumerate(read_conversations(self.path, self.problems)):
             self.stats["read"] += 1
             try:
-                sample = encode_record(rec, self.path.parent, tokenizer, tower, self.template, max_length)
+                sample = encode_record(
+                    rec, self.path.parent, tokenizer, tower, self.template, max_length, image_position
+                )
             except ValueError as err:
                 self.problems.add(str(self.path), None, f"[{i}]", str(err))
                 self.stats["dropped_bad"] += 1
@@ -156,7 +159,9 @@ def prepare_turns(rec: dict, geom) -> tuple[list[templates.Turn], list[list[floa
     return turns, regions
 
 
-def encode_record(rec: dict, root: Path, tokenizer, tower, template: str, max_length: int) -> Sample | None:
+def encode_record(
+    rec: dict, root: Path, tokenizer, tower, template: str, max_length: int, image_position: str = "first"
+) -> Sample | None:
     image = None
     width, height = int(rec.get("width") or 0), int(rec.get("height") or 0)
     if rec.get("image"):
@@ -167,9 +172,10 @@ def encode_record(rec: dict, root: Path, tokenizer, tower, template: str, max_le
             with Image.open(image) as im:
                 width, height = im.size
     turns, regions = prepare_turns(rec, tower.geometry(max(width, 1), max(height, 1)))
-    if image is not None and not any(IMAGE_TOKEN in t for _, t in turns):
-        role, text = turns[0]
-        turns[0] = (role, f"{IMAGE_TOKEN}\n{text}")
+    if image is not None:
+        if not any(IMAGE_TOKEN in t for _, t in turns) or image_position != "first":
+            role, text = turns[0]
+            turns[0] = (role, templates.place_image(text, image_position, IMAGE_TOKEN))
     ids, labels = tokenize_segments(
         templates.segments(template, turns, tokenizer), tokenizer, tower.num_tokens
     )

@@ -54,7 +54,9 @@ class _CallbackStreamer:
         pass
 
 
-def user_text(prompt: str | None, box_grid: list[int] | None, first: bool) -> str:
+def user_text(
+    prompt: str | None, box_grid: list[int] | None, first: bool, image_position: str = "first"
+) -> str:
     """The user's message: `{box}` in the prompt (or the default question) gets `[..] <region>`."""
     text = prompt or ""
     if box_grid is not None:
@@ -62,8 +64,8 @@ def user_text(prompt: str | None, box_grid: list[int] | None, first: bool) -> st
         if not text:
             text = DEFAULT_REFERRING
         text = text.replace("{box}", box_text) if "{box}" in text else f"{text} {box_text}"
-    if first and IMAGE_TOKEN not in text:
-        text = f"{IMAGE_TOKEN}\n{text}"
+    if first and (IMAGE_TOKEN not in text or image_position != "first"):
+        text = templates.place_image(text, image_position, IMAGE_TOKEN)
     return text
 
 
@@ -89,7 +91,8 @@ class ChatSession:
         grid = self.geometry.to_grid(box) if box is not None else None
         if box is not None:
             self.region_boxes.append(self.geometry.to_unit(box))
-        self.turns.append(("user", user_text(prompt, grid, first=not self.turns)))
+        position = getattr(self.model.config, "image_position", "first")
+        self.turns.append(("user", user_text(prompt, grid, first=not self.turns, image_position=position)))
         tok, model = self.tokenizer, self.model
         segs = templates.segments(model.config.template, self.turns, tok, generation_prompt=True)
         ids, _ = tokenize_segments(segs, tok, model.tower.num_tokens)

@@ -9,6 +9,9 @@ Referring: each `<region>` token's embedding is replaced by the region feature o
 (prompter or RoI-Align, see `tower.py`) through the region connector:
 `regions: shared` (the image connector), `own` (a second connector of the same kind, so
 region and patch statistics may differ), or `none` (`<region>` stays an ordinary token).
+
+`connector_pos` (default `none`): an explicit (row, col) embedding added to the projected
+image tokens, see `patch_position.py`; region tokens get none (the prompter encodes the box).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 from torch import nn
 
 from clocmllm.mllm.connector import build_connector
+from clocmllm.mllm.patch_position import PatchPosition, check_mode
+from clocmllm.mllm.templates import IMAGE_POSITIONS
 from clocmllm.mllm.tower import TowerConfig, VisionTower
 
 REGION_MODES = ("none", "shared", "own")
@@ -33,12 +38,19 @@ class MllmConfig:
     region_token_id: int = -1
     template: str = "auto"
     llm: dict = field(default_factory=dict)  # {"path": DIR} or {"config": {model_type: ..., ...}}
+    connector_pos: str = "none"  # none | sincos2d | learned (patch_position.py)
+    image_position: str = "first"  # first | after_prompt (templates.place_image)
 
     def __post_init__(self) -> None:
         if isinstance(self.tower, dict):
             self.tower = TowerConfig(**self.tower)
         if self.regions not in REGION_MODES:
             raise ValueError(f"model.regions must be one of {REGION_MODES}, got {self.regions!r}")
+        check_mode(self.connector_pos)
+        if self.image_position not in IMAGE_POSITIONS:
+            raise ValueError(
+                f"model.image_position must be one of {IMAGE_POSITIONS}, got {self.image_position!r}"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -89,6 +101,13 @@ class ClocLlava(nn.Module):
         self.region_projector = (
             build_connector(config.connector, tower.hidden_size, width) if config.regions == "own" else None
         )
+        self.patch_position = (
+            PatchPosition(
+                config.connector_pos, tower.grid, width, has_cls=tower.config.feature == "cls_patch"
+            )
+            if config.connector_pos != "none"
+            else None
+        )
 
     @property
     def uses_regions(self) -> bool:
@@ -109,7 +128,10 @@ class ClocLlava(nn.Module):
         if pixel_values is None:
             return embeds
         selected, last = self.tower(pixel_values)
-        image = self.projector(selected).to(embeds.dtype)
+        image = self.projector(selected)
+        if self.patch_position is not None:
+            image = self.patch_position(image)
+        image = image.to(embeds.dtype)
         mask = input_ids == self.config.image_token_id
         if int(mask.sum()) != image.shape[0] * image.shape[1]:
             raise ValueError(

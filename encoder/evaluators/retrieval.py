@@ -40,3 +40,30 @@ def mean_class_accuracy(pred: Sequence[str], truth: Sequence[str]) -> float:
     pred_a, truth_a = np.asarray(pred, dtype=object), np.asarray(truth, dtype=object)
     accs = [float(np.mean(pred_a[truth_a == c] == c)) for c in sorted(set(truth))]
     return float(np.mean(accs)) if accs else float("nan")
+
+
+def chance_recall_at_k(
+    query_labels: Sequence[str], key_labels: Sequence[str], ks: Sequence[int] = (1, 5)
+) -> dict[int, float]:
+    """Expected `recall_at_k` of a uniformly random ranking (the chance level of a pool).
+
+    A query whose label c keys of the n carry misses the top k with probability
+    C(n-c, k) / C(n, k) = prod_{i<k} (n-c-i)/(n-i); with text-match hits, repeated captions
+    raise chance above k/n, so a "beats chance" claim must use this, not k/n.
+    """
+    n = len(key_labels)
+    if len(query_labels) == 0 or n == 0:
+        return {k: float("nan") for k in ks}
+    counts: dict[str, int] = {}
+    for label in key_labels:
+        counts[label] = counts.get(label, 0) + 1
+    out = {}
+    for k in ks:
+        miss = []
+        for q in query_labels:
+            c, p = counts.get(q, 0), 1.0
+            for i in range(min(k, n)):
+                p *= max(n - c - i, 0) / (n - i)
+            miss.append(p)
+        out[k] = float(1.0 - np.mean(miss))
+    return out

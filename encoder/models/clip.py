@@ -78,6 +78,13 @@ class CLIP(nn.Module):
         -> (emb [B, M, E], feat [B, M, Dv])."""
         return self.prompter.text(tokens, prompt_text_emb)
 
+    def region_and_text_prompt_embed(
+        self, tokens: jax.Array, boxes: jax.Array, prompt_text_emb: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+        """(`region_embed(tokens, boxes)`, `text_prompt_embed(tokens, prompt_text_emb)`), the
+        image tokens' prompter keys/values computed once for both."""
+        return self.prompter.boxes_and_text(tokens, boxes, prompt_text_emb)
+
     def ground(self, feat: jax.Array) -> jax.Array:
         """feat [B, M, Dv] -> boxes [B, M, 4] (x1, y1, x2, y2) in [0, 1]."""
         return self.ground_head(feat)

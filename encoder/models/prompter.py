@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clocmllm.encoder.config import ModelConfig
-from clocmllm.encoder.models.transformer import Block, block_kwargs, normal, scaled_width_init
+from clocmllm.encoder.models.transformer import Block, LayerNorm, block_kwargs, normal, scaled_width_init
 
 
 def box_frequencies(config: ModelConfig) -> np.ndarray:
@@ -67,7 +67,7 @@ class Prompter(nn.Module):
         self.box_embed = BoxEmbed(c)
         self.text_in = nn.Dense(c.vision_width, dtype=dtype)
         self.layer = Block(**block_kwargs(c, "prompter"))
-        self.ln = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=dtype)
+        self.ln = LayerNorm(epsilon=c.layer_norm_eps, dtype=dtype)
         self.proj = nn.Dense(
             c.embed_dim, use_bias=False, dtype=dtype, kernel_init=scaled_width_init(c.vision_width)
         )
@@ -81,9 +81,18 @@ class Prompter(nn.Module):
         prompt = self.text_in(text_emb.astype(jnp.dtype(self.config.dtype)))
         return self._pool(tokens, prompt[:, :, None, :])
 
-    def _pool(self, tokens: jax.Array, prompts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def boxes_and_text(
+        self, tokens: jax.Array, boxes: jax.Array, text_emb: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+        """`boxes(tokens, boxes)` and `text(tokens, text_emb)` with the image tokens' keys and
+        values computed once for both (the CLOC step needs both prompt kinds per image)."""
+        kv = self.layer.prefix_kv(tokens.astype(jnp.dtype(self.config.dtype)))
+        prompt = self.text_in(text_emb.astype(jnp.dtype(self.config.dtype)))
+        return self._pool(tokens, self.box_embed(boxes), kv), self._pool(tokens, prompt[:, :, None, :], kv)
+
+    def _pool(self, tokens: jax.Array, prompts: jax.Array, kv=None) -> tuple[jax.Array, jax.Array]:
         tokens = tokens.astype(prompts.dtype)
-        out = self.layer.with_prefix(prompts, tokens)  # [B, M, P, D]
+        out = self.layer.with_prefix(prompts, tokens, kv=kv)  # [B, M, P, D]
         feat = self.ln(out.mean(axis=2))
         return self.proj(feat).astype(jnp.float32), feat.astype(jnp.float32)
 

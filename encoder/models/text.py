@@ -7,7 +7,13 @@ import jax
 import jax.numpy as jnp
 
 from clocmllm.encoder.config import ModelConfig
-from clocmllm.encoder.models.transformer import block_class, block_kwargs, normal, scaled_width_init
+from clocmllm.encoder.models.transformer import (
+    LayerNorm,
+    block_class,
+    block_kwargs,
+    normal,
+    scaled_width_init,
+)
 
 
 def first_eot_index(token_ids: jax.Array, eot_token_id: int) -> jax.Array:
@@ -36,7 +42,7 @@ class TextTower(nn.Module):
         block = block_class(c.remat)
         for i in range(c.text_layers):
             setattr(self, f"layer_{i}", block(**block_kwargs(c, "text")))
-        self.final_ln = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=dtype)
+        self.final_ln = LayerNorm(epsilon=c.layer_norm_eps, dtype=dtype)
         self.proj = nn.Dense(c.embed_dim, use_bias=False, dtype=dtype, kernel_init=scaled_width_init(d))
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:
@@ -46,9 +52,14 @@ class TextTower(nn.Module):
         if t > c.context_length:
             raise ValueError(f"token_ids: length {t} exceeds context_length {c.context_length}")
         x = self.token_embed(token_ids) + self.pos_embed[:t].astype(jnp.dtype(c.dtype))
-        for i in range(c.text_layers):
+        n = c.text_layers
+        for i in range(n - 1):
             x = getattr(self, f"layer_{i}")(x)
-        x = self.final_ln(x)
         idx = first_eot_index(token_ids, c.eot_token_id)
-        pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
-        return self.proj(pooled).astype(jnp.float32)
+        # Only the EOT row is read: the last block's MLP and final_ln (both per token) run on
+        # that row alone - the same numbers as HF's last_hidden_state[eot], less work.
+        if n:
+            pooled = getattr(self, f"layer_{n - 1}").at_rows(x, idx)
+        else:
+            pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+        return self.proj(self.final_ln(pooled)).astype(jnp.float32)

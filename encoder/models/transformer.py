@@ -260,17 +260,23 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, self.width)
 
-    def with_prefix(self, x: jax.Array, prefix: jax.Array) -> jax.Array:
+    def prefix_kv(self, prefix: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [B, H, S, Dh] of the shared prefix [B, S, D] (for `with_prefix`)."""
+        _, pk, pv = _split_heads(dense_2d(self.qkv, prefix), self.heads)
+        return pk, pv
+
+    def with_prefix(self, x: jax.Array, kv: tuple[jax.Array, jax.Array]) -> jax.Array:
         """Outputs for x [B, M, P, D] when each of the M sequences is [prefix_b ; x_bm].
 
         Equal to running `__call__` on the M concatenated sequences [B*M, S+P, D] and
-        keeping the last P outputs, but the prefix's keys/values are computed once per
-        image instead of once per prompt (the prompter's M regions share one image).
+        keeping the last P outputs, but the prefix's keys/values `kv` (`prefix_kv`) are
+        computed once per image instead of once per prompt (the prompter's M regions, box
+        and text prompts alike, share one image).
         """
         b, m, p, _ = x.shape
         h, dh = self.heads, self.width // self.heads
         q, k, v = _split_heads(dense_2d(self.qkv, x), h)  # [B, M, H, P, Dh]
-        _, pk, pv = _split_heads(dense_2d(self.qkv, prefix), h)  # [B, H, S, Dh]
+        pk, pv = kv  # [B, H, S, Dh]
         q = q * jnp.asarray(dh**-0.5, q.dtype)
         f32 = jnp.float32
         l_pre = jnp.einsum("bmhqd,bhkd->bmhqk", q, pk, preferred_element_type=f32)
@@ -307,13 +313,32 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
-    def with_prefix(self, x: jax.Array, prefix: jax.Array) -> jax.Array:
+    def at_rows(self, x: jax.Array, rows: jax.Array) -> jax.Array:
+        """x [B, T, D], rows [B] -> the block's output at position rows[b] of each sequence [B, D].
+
+        Same as `__call__(x)[arange(B), rows]`, but the MLP (2/3 of a block's FLOPs) runs on
+        the B kept rows only: the text tower's last block, whose other outputs nobody reads.
+        """
+        x = x + self.attn(self.ln1(x))
+        x = jnp.take_along_axis(x, rows[:, None, None], axis=1)[:, 0]
+        return x + self.mlp(self.ln2(x))
+
+    def prefix_kv(self, prefix: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """prefix [B, S, D] shared tokens -> their attention keys and values (`with_prefix`)."""
+        return self.attn.prefix_kv(self.ln1(prefix))
+
+    def with_prefix(
+        self, x: jax.Array, prefix: jax.Array | None = None, kv: tuple[jax.Array, jax.Array] | None = None
+    ) -> jax.Array:
         """x [B, M, P, D] prompt tokens, prefix [B, S, D] shared tokens -> new x.
 
         Output of the block for the last P positions of each sequence [prefix ; x_m];
-        the prefix's own outputs are not computed (nobody reads them).
+        the prefix's own outputs are not computed (nobody reads them). Pass `kv =
+        prefix_kv(prefix)` instead of `prefix` to reuse them across calls.
         """
-        x = x + self.attn.with_prefix(self.ln1(x), self.ln1(prefix))
+        if kv is None:
+            kv = self.prefix_kv(prefix)
+        x = x + self.attn.with_prefix(self.ln1(x), kv)
         return x + self.mlp(self.ln2(x))
 
 

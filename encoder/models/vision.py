@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from clocmllm.encoder.config import ModelConfig
-from clocmllm.encoder.models.transformer import block_class, block_kwargs, scaled_width_init
+from clocmllm.encoder.models.transformer import LayerNorm, block_class, block_kwargs, scaled_width_init
 
 
 class PatchEmbed(nn.Module):
@@ -50,11 +50,11 @@ class VisionTower(nn.Module):
         if c.class_token:
             self.class_embedding = self.param("class_embedding", scaled_width_init(d), (d,))
         self.pos_embed = self.param("pos_embed", scaled_width_init(d), (c.num_image_tokens, d))
-        self.pre_ln = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=dtype)
+        self.pre_ln = LayerNorm(epsilon=c.layer_norm_eps, dtype=dtype)
         block = block_class(c.remat)
         for i in range(c.vision_layers):
             setattr(self, f"layer_{i}", block(**block_kwargs(c, "vision")))
-        self.post_ln = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=dtype)
+        self.post_ln = LayerNorm(epsilon=c.layer_norm_eps, dtype=dtype)
         self.proj = nn.Dense(c.embed_dim, use_bias=False, dtype=dtype, kernel_init=scaled_width_init(d))
 
     def tokens(

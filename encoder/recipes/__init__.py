@@ -33,7 +33,7 @@ Loss (jax side)
         function is unchanged. rocket takes the trainer's CLIP/CLOC loss_fn as
         `base_loss_fn` (the weak-view global term); LCL needs none.
 
-Trainer wiring (what `encoder/trainer.py` needs; not done yet):
+Trainer wiring (as `encoder/trainer.py` does it; `recipe:` in a trainer config):
 1. DEFAULTS gains `"recipe": "cloc"` (cloc | rocket | lcl), `"rocket": {}`, `"lcl": {}`;
    `_check_keys` must not descend into `rocket`/`lcl` (their Config.from_dict validates),
    and `incompatible_keys` compares `recipe` like `mode`.
@@ -50,6 +50,9 @@ Trainer wiring (what `encoder/trainer.py` needs; not done yet):
    Both work with `BatchIterator` unchanged; drop `index` as today before `shard_batch`.
 5. Export: the adapters export `visual/` (and the prompter); the `rocket`/`lcl` subtrees are
    pretraining-only heads and are not exported.
+6. Evaluation: rocket checkpoints evaluate as their `mode`; LCL ones get their image-text
+   figures from LCL's own z / LM-state heads (`encoder/evaluators/lcl.py`), since LCL leaves
+   the CLIP text tower untrained.
 
 Neither recipe imports torch; the numpy-side builders import no jax.
 """

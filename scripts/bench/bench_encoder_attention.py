@@ -35,6 +35,7 @@ SIZES = dict(
 def jax_steps(batch: int, impls: list[str]):
     import jax
     import jax.numpy as jnp
+
     from clocmllm.encoder.config import ModelConfig
     from clocmllm.encoder.losses import clip_softmax_loss
     from clocmllm.encoder.models.clip import CLIP, init_params
@@ -104,9 +105,10 @@ def layer_parts(
     import jax
     import jax.numpy as jnp
     import torch
-    from clocmllm.encoder.models.transformer import MLP, Attention, Block
     from transformers import CLIPVisionConfig
     from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention, CLIPEncoderLayer
+
+    from clocmllm.encoder.models.transformer import MLP, Attention, Block
 
     x = np.random.default_rng(0).normal(size=(b, t, d)).astype(np.float32)
     jx, tx = jnp.asarray(x), torch.tensor(x, requires_grad=True)

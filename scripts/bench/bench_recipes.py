@@ -1,10 +1,13 @@
 """Step-time cost of the clip-rocket and LCL losses over a plain CLIP loss, tiny model, CPU.
 
-Command:  .venv/bin/python scripts/bench/bench_recipes.py [--batch 16] [--repeats 15]
+Command:  .venv/bin/python scripts/bench/bench_recipes.py [--batch 16] [--repeats 15] [--one-thread]
 Expected: ~2-4 minutes on 2 idle cores (most of it XLA compiles). Prints the median time of
 one gradient step (loss + grads of every parameter, jit-compiled, compile excluded) for each
 objective and its ratio to plain CLIP measured side by side in the same process, runs
 interleaved so load drifts hit all alike; then the numpy-side cost of making the views.
+Each step is timed in wall time and in process CPU time; `--one-thread` runs XLA on one
+thread (set before jax loads), so the CPU time is the step's compute and holds up on a box
+loaded by other jobs, where wall time does not.
 
 Objectives (tiny preset: 64 px, 8 px patches, width 64, 2+2 layers):
   clip          CLIP InfoNCE on the weak view (the baseline, ratio 1.00)
@@ -17,6 +20,7 @@ Objectives (tiny preset: 64 px, 8 px patches, width 64, 2+2 layers):
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -27,9 +31,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--one-thread", action="store_true", help="XLA on one thread (CPU time = compute)")
     args = ap.parse_args()
+    if args.one_thread:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ).strip()
+    print(f"cores={os.cpu_count()} one_thread={args.one_thread} load={os.getloadavg()[0]:.1f}")
 
     import jax
+
     from clocmllm.encoder.config import load_model_config
     from clocmllm.encoder.models.clip import CLIP, init_params
     from clocmllm.encoder.recipes import lcl, rocket
@@ -95,24 +107,27 @@ def main() -> None:
         print(f"compiled {name:12s} {time.perf_counter() - t0:6.1f} s", flush=True)
         steps[name] = (g, p, batch)
     times = {k: [] for k in steps}
+    cpu = {k: [] for k in steps}
     for _ in range(args.repeats):
         for name, (g, p, batch) in steps.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(g(p, batch))
             times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["clip"])
+            cpu[name].append(time.process_time() - c0)
+    base, cbase = statistics.median(times["clip"]), statistics.median(cpu["clip"])
     print(
         f"\n1. gradient step, tiny preset, batch {b}, n={n} strong views, M={m} regions, median of {args.repeats}"
     )
-    print(f"{'objective':12s} {'ms/step':>9s} {'vs clip':>8s}")
+    print(f"{'objective':12s} {'ms/step':>9s} {'vs clip':>8s} {'cpu ms':>9s} {'vs clip':>8s}")
     for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:12s} {1e3 * med:9.1f} {med / base:7.2f}x")
+        med, cmed = statistics.median(ts), statistics.median(cpu[name])
+        print(f"{name:12s} {1e3 * med:9.1f} {med / base:7.2f}x {1e3 * cmed:9.1f} {cmed / cbase:7.2f}x")
 
     # numpy side: making the views of one batch (the input pipeline's extra work)
+    from PIL import Image
+
     from clocmllm.encoder.augment import strong_view, weak_view
     from clocmllm.encoder.caption_augment import CaptionAugment
-    from PIL import Image
 
     photo = Image.fromarray((r.random((96, 128, 3)) * 255).astype(np.uint8))
     pix_boxes = np.asarray([[10, 10, 60, 50], [40, 30, 120, 90]], np.float64)

@@ -14,7 +14,10 @@ tiny, ~4 min at vit_s16 with --steps 2, single-threaded).
 
 Step = forward of both towers + loss + backward + global-norm clipping + AdamW update, the
 same work on both sides (CLIP softmax loss; HF `return_loss=True`). The CLOC step adds the
-region-text, prompter and grounding terms over M=4 regions an image.
+region-text, prompter and grounding terms over M=4 regions an image; its region phrases are
+SOT + 2-6 random words + EOT padded to 16 tokens, then cut after the longest first EOT to a
+bucket length (8 here) exactly as the trainer does (`trim_region_text`); the variant
+`jax:cloc_untrimmed:einsum` keeps all 16 tokens (the step before that change).
 This script imports both torch and jax (only in its subprocesses); it is a bench, not library code.
 """
 
@@ -62,8 +65,12 @@ def fake_batch(mc, batch: int, m: int = 4) -> dict:
     rng = np.random.default_rng(0)
     text = rng.integers(1, VOCAB - 1, (batch, CONTEXT)).astype(np.int32)
     text[:, 20] = VOCAB - 1
-    rtext = rng.integers(1, VOCAB - 1, (batch, m, REGION_CONTEXT)).astype(np.int32)
-    rtext[..., 6] = VOCAB - 1
+    # region phrases as the trainer sees them: SOT + 2-6 words + EOT, zero padded to 16
+    rtext = np.zeros((batch, m, REGION_CONTEXT), np.int32)
+    words = rng.integers(2, 7, (batch, m))
+    for i, j in np.ndindex(batch, m):
+        n = int(words[i, j])
+        rtext[i, j, : n + 2] = [1, *rng.integers(2, VOCAB - 1, n), VOCAB - 1]
     x1 = rng.random((batch, m, 2)).astype(np.float32) * 0.5
     return {
         "images": rng.normal(size=(batch, mc.image_size, mc.image_size, 3)).astype(np.float32),
@@ -77,20 +84,32 @@ def fake_batch(mc, batch: int, m: int = 4) -> dict:
 def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
     import jax
 
+    from clocmllm.encoder.input_pipeline import trim_region_text
     from clocmllm.encoder.models.clip import CLIP
     from clocmllm.encoder.optimizer import build_optimizer
-    from clocmllm.encoder.trainer import DEFAULTS, abstract_state, deep_merge, make_train_step
+    from clocmllm.encoder.trainer import (
+        DEFAULTS,
+        abstract_state,
+        deep_merge,
+        make_train_step,
+        step_compiler_options,
+    )
 
     mc = model_config(preset, impl)
     model = CLIP(mc)
-    cfg = deep_merge(DEFAULTS, {"mode": mode})
+    cfg = deep_merge(DEFAULTS, {"mode": "cloc" if mode == "cloc_untrimmed" else mode})
     tx, sched = build_optimizer(cfg["optim"], 1000)
     _, init = abstract_state(model, tx, 0)
     state = jax.jit(init)()
-    batch = {k: jax.numpy.asarray(v) for k, v in fake_batch(mc, BATCH[preset]).items()}
+    host = fake_batch(mc, BATCH[preset])
+    if mode == "cloc":  # as the trainer does: phrases cut after their longest first EOT
+        host = trim_region_text(host, mc.eot_token_id)
+    batch = {k: jax.numpy.asarray(v) for k, v in host.items()}
     if mode == "clip":
         batch = {k: batch[k] for k in ("images", "text")}
-    step = jax.jit(make_train_step(model, tx, sched, cfg), donate_argnums=(0,))
+    step = jax.jit(
+        make_train_step(model, tx, sched, cfg), donate_argnums=(0,), compiler_options=step_compiler_options()
+    )
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -224,6 +243,20 @@ def pieces_torch(preset: str, steps: int) -> dict:
 
 
 def one(kind: str, preset: str, steps: int) -> None:
+    if os.environ.get("BENCH_THREADS") == "1" and hasattr(os, "sched_setaffinity"):
+        # One CPU for the whole process, before XLA/torch start threads: with
+        # --xla_cpu_multi_thread_eigen=false XLA still runs independent thunks on two worker
+        # threads, which spin on an idle second core and inflate process CPU time (tiny CLOC
+        # step at load 1.5: 198 ms unpinned, 129 ms pinned; docs/benchmarks.md item 6).
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    from clocmllm.encoder.trainer import wants_malloc_reuse
+
+    mode = {"tuned": "reuse", "glibc": "glibc", "auto": "auto"}[os.environ.get("BENCH_MALLOC", "auto")]
+    if wants_malloc_reuse(mode, model_config(preset).to_dict(), BATCH[preset]):
+        from clocmllm.encoder.host_malloc import reuse_freed_memory
+
+        # what the trainer does (config `malloc`), applied to both sides (host_malloc.py)
+        reuse_freed_memory()
     if kind.startswith("pieces:"):
         res = {"pieces": (pieces_torch if kind == "pieces:torch" else pieces_jax)(preset, steps)}
     elif kind == "torch":
@@ -257,12 +290,25 @@ def main() -> None:
         help="instead of whole steps, time the step's pieces (forward+loss, vision tower fwd and "
         "fwd+bwd, fwd+bwd, optimizer update) on both sides, best of --steps",
     )
+    ap.add_argument(
+        "--malloc",
+        choices=("auto", "tuned", "glibc"),
+        default="auto",
+        help="auto: both sides use the glibc malloc settings when the trainer's `malloc: auto` "
+        "would (clocmllm.encoder.host_malloc, trainer.wants_malloc_reuse: tiny yes, vit_s16 at "
+        "batch 32 no); tuned: always; glibc: never",
+    )
     ap.add_argument("--one", nargs=2, metavar=("KIND", "PRESET"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         one(args.one[0], args.one[1], args.steps)
         return
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "BENCH_MALLOC": args.malloc,
+    }
     if args.threads:
         env["BENCH_THREADS"] = str(args.threads)
         if args.threads == 1:
@@ -271,7 +317,8 @@ def main() -> None:
                 + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
             ).strip()
     print(
-        f"cores={os.cpu_count()} threads={args.threads or 'all'} load={os.getloadavg()[0]:.1f} steps={args.steps} rounds={args.rounds}"
+        f"cores={os.cpu_count()} threads={args.threads or 'all'} load={os.getloadavg()[0]:.1f} "
+        f"steps={args.steps} rounds={args.rounds} malloc={args.malloc}"
     )
     if args.pieces:
         for preset in args.presets:
@@ -311,9 +358,11 @@ def main() -> None:
             print(
                 f"  {kind:22s} {1000 * res['step_s']:9.1f} {ratio:>9s} {res['compile_s']:10.1f} {res['peak_rss_mb']:8.0f}"
             )
-        if "jax:clip:einsum" in best and "jax:cloc:einsum" in best:
-            over = best["jax:cloc:einsum"]["step_s"] / best["jax:clip:einsum"]["step_s"] - 1
-            print(f"  CLOC step overhead over our CLIP step (M=4): {100 * over:+.1f}%")
+        for cloc in ("jax:cloc:einsum", "jax:cloc_untrimmed:einsum"):
+            if "jax:clip:einsum" in best and cloc in best:
+                over = best[cloc]["step_s"] / best["jax:clip:einsum"]["step_s"] - 1
+                what = "" if cloc == "jax:cloc:einsum" else ", phrases untrimmed"
+                print(f"  CLOC step overhead over our CLIP step (M=4{what}): {100 * over:+.1f}%")
 
 
 if __name__ == "__main__":

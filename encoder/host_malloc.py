@@ -1,0 +1,59 @@
+"""glibc malloc settings that stop XLA CPU from page-faulting its temp buffer in every step.
+
+Why: XLA CPU allocates each execution's temporaries as one buffer (102 MB for the `tiny`
+CLIP step at batch 64, GBs at ViT-S/16) from a worker thread and frees it at the end.
+glibc serves a request that large from a thread's own arena with a fresh `mmap` (a
+non-main arena cannot grow past 64 MB, and the dynamic mmap threshold stops at 32 MB), and
+`free` unmaps it: every step then faults ~25k zeroed pages back in. Measured at `tiny`,
+single-threaded: 38 ms of the 137 ms step was kernel time (25k minor faults a step);
+with the settings below, 0 faults and 114-117 ms (docs/benchmarks.md, "where the CPU time
+goes"). PyTorch's eager step gains too (7.6k faults, 113 -> 101 ms), so the benchmark applies
+the same settings to both sides.
+
+The settings: one arena (`M_ARENA_MAX=1`, so worker threads allocate from the main heap),
+no mmap for large blocks (`M_MMAP_MAX=0`, they come from the heap and are reused), and no
+trimming of the heap top (`M_TRIM_THRESHOLD=-1`; a 1 GiB threshold still let the >1 GiB temp
+buffer of a ViT-S/16 step at batch 32 be trimmed and re-faulted every step: 793k faults,
+1.5 s of sys time a step). They only take effect for threads that have not allocated yet, so
+call `reuse_freed_memory()` before JAX creates its CPU client (first device use). Cost: freed
+memory stays in the process, and heap fragmentation can raise the peak (ViT-S/16 batch 8:
+3.26 -> 3.42 GB; at batch 32, 4.9 -> 11.3 GB for no gain, hence the trainer's size rule
+`trainer.wants_malloc_reuse`); malloc calls of all threads share one lock (image decoding
+threads allocate little). CLOCMLLM_MALLOC_TUNING=0 leaves malloc alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+# glibc <malloc.h>
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+
+_done = False
+
+
+def reuse_freed_memory() -> bool:
+    """Apply the settings above once per process; True when glibc accepted all three."""
+    global _done
+    if _done:
+        return True
+    if os.environ.get("CLOCMLLM_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = all(
+        mallopt(param, value) == 1
+        for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+    )
+    _done = ok
+    return ok
