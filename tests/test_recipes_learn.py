@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from micro import micro_model
+from micro import jax_cli_env, micro_model
 
 STEPS = 150
 # Per recipe: config over BASE, and its steps.
@@ -73,15 +71,7 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("learn")
     generate_world(root / "world", train=512, eval=EVAL_IMAGES, seed=0, image_size=32, progress=False)
-    env = {
-        **os.environ,
-        # the encoder tests' persistent compile cache (shared with test_trainer.py)
-        "JAX_COMPILATION_CACHE_DIR": str(Path(tempfile.gettempdir()) / "clocmllm-test-jax-cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_backend_optimization_level=0",
-    }
+    env = jax_cli_env()
     return root, env
 
 

@@ -4,14 +4,12 @@ same loss and update as one device for the same global batch (subprocess, XLA ho
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import textwrap
-from pathlib import Path
 
 import pytest
+from micro import jax_cli_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -83,15 +81,7 @@ def test_make_mesh_sizes():
 
 
 def test_eight_devices_match_one_device():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-        "JAX_PLATFORMS": "cpu",
-        # persistent compilation cache shared across test runs (keys include flags and versions)
-        "JAX_COMPILATION_CACHE_DIR": str(Path(tempfile.gettempdir()) / "clocmllm-test-jax-cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
+    env = jax_cli_env("--xla_force_host_platform_device_count=8")
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=400
     )

@@ -7,18 +7,16 @@ shared JAX compilation cache, so the train step compiles once for the whole modu
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from micro import MICRO_MODEL
+from micro import MICRO_MODEL, jax_cli_env
 
 RECIPE = {
     "mode": "cloc",
@@ -41,16 +39,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer")
     generate_world(root / "world", train=16, eval=4, seed=0, image_size=32, progress=False)
     (root / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
-    env = {
-        **os.environ,
-        # persistent across runs too: the micro step compiles once per machine, not per run
-        "JAX_COMPILATION_CACHE_DIR": str(Path(tempfile.gettempdir()) / "clocmllm-test-jax-cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "JAX_PLATFORMS": "cpu",
-        # LLVM -O0: the micro model's step compiles ~40% faster; numerics are unaffected
-        "XLA_FLAGS": "--xla_backend_optimization_level=0",
-    }
+    env = jax_cli_env()
     return root, env
 
 
