@@ -32,9 +32,9 @@ RECIPES = REPO / "scripts" / "recipes"
 class DemoPlan:
     """Sizes and budgets. `full` aims at <= 15 min on 2 cores, `quick` at <= 3 min.
 
-    Measured (docs/demo.md): `full` took 18.5 min on the shared box at load 6-8 (before the
-    parallel MLLM chains; projected <= 12.7 min on 2 idle cores from CPU times, "Time budget"),
-    `quick` ~2.5 min at load ~3. The full plan's choices and what they bought are in
+    Measured (docs/demo.md, "Time budget"): `full` 10 min 27 s and `quick` 1 min 06 s on an
+    idle 2-core box (18.5 min for `full` on the shared box at load 6-8, before the parallel
+    MLLM chains). The full plan's choices and what they bought are in
     docs/demo.md's tuning log: 1500 pretraining steps at lr 2e-3 (demo_{clip,cloc}.yaml),
     100 + 1000 fine-tuning steps of a 2-layer Llama from scratch on digit tokens, reading the
     tower's last block.

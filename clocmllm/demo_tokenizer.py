@@ -15,43 +15,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clocmllm.mllm.tokenizer import _TEMPLATE_TEXT, IMAGE_TOKEN, REGION_TOKEN, SPECIAL_TOKENS
+from clocmllm.mllm.tokenizer import SPECIAL_TOKENS, as_fast_tokenizer, corpus_pieces
 
 
 def build_digit_tokenizer(texts: list[str]):
     """A `PreTrainedTokenizerFast`: lower-cased words, numbers as digits (`4 ##1 ##7`)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models
 
-    pre = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"<image>|<region>"), behavior="isolated"),
-            pre_tokenizers.Split(Regex(r"\d+|[A-Za-z_']+|[^\sA-Za-z\d_']"), behavior="isolated"),
-            pre_tokenizers.Whitespace(),
-        ]
-    )
-    norm = normalizers.Lowercase()
-    words: set[str] = set()
-    for text in [_TEMPLATE_TEXT, *texts]:
-        words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text)) if not w.isdigit())
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     for d in "0123456789":
         vocab.setdefault(d, len(vocab))
         vocab.setdefault("##" + d, len(vocab))
-    for w in sorted(words):
+    for w in sorted({w for w in corpus_pieces(texts) if not w.isdigit()}):
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="<unk>", max_input_chars_per_word=100))
-    tok.normalizer = norm
-    tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        additional_special_tokens=[IMAGE_TOKEN, REGION_TOKEN],
-    )
+    return as_fast_tokenizer(tok)
 
 
 def write_digit_tokenizer(conversations: str | Path, out: str | Path) -> Path:

@@ -22,19 +22,18 @@ REGION_TOKEN = "<region>"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN, REGION_TOKEN]
 
 # Template words, so the v1 / plain prompts never hit <unk>.
-_TEMPLATE_TEXT = (
+TEMPLATE_TEXT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions. "
     "USER: ASSISTANT: user assistant system What is the object at Where is ? . , : ' [ ] ( )"
 )
 
 
-def build_tokenizer(texts: Iterable[str], min_count: int = 1):
-    """Word-level `PreTrainedTokenizerFast` over `texts` plus the template and 0..999."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def word_splitter():
+    """(normalizer, pre-tokenizer) shared by our tokenizers: lower-case; `<image>`/`<region>`,
+    runs of digits, words and single punctuation marks each become one piece."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
 
-    counts: dict[str, int] = {}
     pre = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(r"<image>|<region>"), behavior="isolated"),
@@ -42,19 +41,21 @@ def build_tokenizer(texts: Iterable[str], min_count: int = 1):
             pre_tokenizers.Whitespace(),
         ]
     )
-    norm = normalizers.Lowercase()
-    for text in [_TEMPLATE_TEXT, *texts]:
-        for word, _ in pre.pre_tokenize_str(norm.normalize_str(text)):
-            counts[word] = counts.get(word, 0) + 1
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for n in range(GRID):
-        vocab.setdefault(str(n), len(vocab))
-    for word in sorted(w for w, c in counts.items() if c >= min_count):
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = norm
-    tok.pre_tokenizer = pre
-    fast = PreTrainedTokenizerFast(
+    return normalizers.Lowercase(), pre
+
+
+def corpus_pieces(texts: Iterable[str]) -> list[str]:
+    """The pieces of the template text and `texts`, as `word_splitter` cuts them."""
+    norm, pre = word_splitter()
+    return [w for text in [TEMPLATE_TEXT, *texts] for w, _ in pre.pre_tokenize_str(norm.normalize_str(text))]
+
+
+def as_fast_tokenizer(tok):
+    """Wrap a `tokenizers.Tokenizer` over SPECIAL_TOKENS as a `PreTrainedTokenizerFast`."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok.normalizer, tok.pre_tokenizer = word_splitter()
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
         unk_token="<unk>",
@@ -62,7 +63,21 @@ def build_tokenizer(texts: Iterable[str], min_count: int = 1):
         eos_token="</s>",
         additional_special_tokens=[IMAGE_TOKEN, REGION_TOKEN],
     )
-    return fast
+
+
+def build_tokenizer(texts: Iterable[str], min_count: int = 1):
+    """Word-level `PreTrainedTokenizerFast` over `texts` plus the template and 0..999."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models
+
+    counts = Counter(corpus_pieces(texts))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for n in range(GRID):
+        vocab.setdefault(str(n), len(vocab))
+    for word in sorted(w for w, c in counts.items() if c >= min_count):
+        vocab.setdefault(word, len(vocab))
+    return as_fast_tokenizer(Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>")))
 
 
 def ensure_special_tokens(tokenizer) -> bool:
