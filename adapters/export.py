@@ -84,6 +84,7 @@ def prompter_config(cfg: Any) -> dict[str, Any]:
         "image_size": cfg.image_size,
         "patch_size": cfg.patch_size,
         "class_token": cfg.class_token,
+        "box_mask": bool(cfg.prompter_box_mask),
     }
 
 

@@ -69,6 +69,9 @@ class ModelConfig:
     # False is kept for experiments only and then pools by mean over patch tokens.
     class_token: bool = True
     prompter_heads: int = 1
+    # Box prompts attend only to the class token and the patches their box overlaps
+    # (`models.prompter.box_attention_bias`; docs/pretraining.md says why).
+    prompter_box_mask: bool = False
     # Number of sinusoid frequencies per box coordinate (sin and cos of each).
     prompter_freqs: int = 16
     # Compute dtype; parameters always stay float32 (mixed precision, optax sees f32).

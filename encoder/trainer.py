@@ -56,6 +56,9 @@ DEFAULTS: dict[str, Any] = {
         # phrases (<= 20 words after filtering): 16 tokens keep the text tower's pass over
         # B*M phrases cheap (CLOC step overhead) at no loss of content; null = context_length.
         "region_context_length": 16,
+        # CLOC: encode each distinct region phrase of a batch once (exact; single process
+        # only, see input_pipeline.dedup_region_text)
+        "dedup_phrases": True,
         "threads": 2,
         "prefetch": 2,
         "strict": False,
@@ -173,6 +176,16 @@ def _check_keys(cfg: Mapping, ref: Mapping, prefix: str) -> None:
             _check_keys(v, ref[k], f"{prefix}{k}.")
 
 
+def _model_defaults() -> dict[str, Any]:
+    import dataclasses
+
+    from clocmllm.encoder.config import ModelConfig
+
+    return {
+        f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING
+    }
+
+
 def incompatible_keys(saved: Mapping, new: Mapping) -> list[str]:
     """Dotted keys whose values differ in a way a checkpoint cannot absorb."""
     diffs = (
@@ -183,9 +196,12 @@ def incompatible_keys(saved: Mapping, new: Mapping) -> list[str]:
     if saved.get("loss") != new.get("loss"):
         diffs.append(f"loss ({saved.get('loss')} -> {new.get('loss')})")
     sm, nm = saved.get("model", {}), new.get("model", {})
+    # a field added after the run was saved (e.g. prompter_box_mask) reads as its default
+    defaults = _model_defaults()
     for k in sorted(set(sm) | set(nm)):
-        if k not in _COMPUTE_ONLY and sm.get(k) != nm.get(k):
-            diffs.append(f"model.{k} ({sm.get(k)} -> {nm.get(k)})")
+        old, cur = sm.get(k, defaults.get(k)), nm.get(k, defaults.get(k))
+        if k not in _COMPUTE_ONLY and old != cur:
+            diffs.append(f"model.{k} ({old} -> {cur})")
     return diffs
 
 
@@ -261,8 +277,11 @@ def make_loss_fn(model, cfg: dict):
         out = {"image_emb": m.pool_image(tokens), "text_emb": m.encode_text(batch["text"])}
         if mode == "cloc":
             # region phrases use their own (shorter) token length, so a separate tower call
-            b, mm, t = batch["region_text"].shape
-            rtext = m.encode_text(batch["region_text"].reshape(b * mm, t)).reshape(b, mm, -1)
+            if "region_phrase_index" in batch:  # distinct phrases once (`dedup_region_text`)
+                rtext = m.encode_text(batch["region_phrases"])[batch["region_phrase_index"]]
+            else:
+                b, mm, t = batch["region_text"].shape
+                rtext = m.encode_text(batch["region_text"].reshape(b * mm, t)).reshape(b, mm, -1)
             out["region_text_emb"] = rtext
             (out["region_emb"], _), (_, feat) = m.region_and_text_prompt_embed(
                 tokens, batch["region_boxes"], rtext
@@ -464,6 +483,7 @@ def train(
         BatchIterator,
         PipelineConfig,
         RegionDataset,
+        dedup_region_text,
         load_records,
         trim_region_text,
     )
@@ -586,6 +606,8 @@ def train(
     # region phrases cut to their longest first EOT (bucketed; exact, see trim_region_text);
     # one host only, since every host's batch must have the same shape
     trim_phrases = cfg["mode"] == "cloc" and cfg["recipe"] != "lcl" and jax.process_count() == 1
+    # ... and each distinct phrase encoded once (the rocket recipe reads `region_text` itself)
+    dedup_phrases = trim_phrases and cfg["recipe"] == "cloc" and bool(cfg["data"]["dedup_phrases"])
     bar = tqdm(
         total=total, initial=start, desc="pretrain", disable=not cfg["progress"] or jax.process_index() != 0
     )
@@ -598,6 +620,8 @@ def train(
             host = next(it)
             if trim_phrases:
                 host = trim_region_text(host, mc.eot_token_id)
+            if dedup_phrases:
+                host = dedup_region_text(host, align=mesh.devices.size)
             if step == int(cfg["debug"]["nan_at_step"]):
                 host["images"] = np.full_like(host["images"], np.nan)
             batch = shard_batch({k: v for k, v in host.items() if k != "index"}, mesh)

@@ -261,3 +261,62 @@ def test_trimmed_region_phrases_give_the_same_cloc_loss_and_gradients():
     rel = jax.tree.map(rel, g_full, g_trim)
     assert max(jax.tree.leaves(rel)) <= 1e-6
     assert float(jnp.abs(g_full["text"]["pos_embed"][8:]).max()) == 0.0  # nothing reads past EOT
+
+
+def test_deduplicated_region_phrases_give_the_same_cloc_loss_and_gradients():
+    """dedup_region_text (each distinct phrase of a batch encoded once, then gathered) is exact,
+    with repeated phrases (same image and across images), padded slots and the text filter."""
+    from micro import micro_model
+
+    from clocmllm.encoder.config import load_model_config
+    from clocmllm.encoder.input_pipeline import dedup_region_text, trim_region_text
+    from clocmllm.encoder.models.clip import CLIP, init_params
+    from clocmllm.encoder.trainer import DEFAULTS, deep_merge, make_loss_fn
+
+    mc = load_model_config("tiny", micro_model(context_length=16, eot_token_id=3))
+    model = CLIP(mc)
+    params = init_params(mc, 0)
+    rng = np.random.default_rng(1)
+    b, m, t = 4, 3, 16
+    vocab = [[1, *rng.integers(4, mc.vocab_size, int(n)), 3] for n in (2, 3, 5)]  # 3 distinct phrases
+    rtext = np.zeros((b, m, t), np.int32)
+    pick = np.array([[0, 0, 1], [1, 2, 0], [2, 0, 0], [1, 1, 2]])  # repeats within and across images
+    for i, j in np.ndindex(b, m):
+        rtext[i, j, : len(vocab[pick[i, j]])] = vocab[pick[i, j]]
+    valid = np.ones((b, m), bool)
+    valid[2, 1:] = False
+    rtext[2, 1:] = 0
+    text = np.zeros((b, t), np.int32)
+    text[:, :6] = [1, 5, 6, 7, 8, 3]
+    batch = {
+        "images": rng.normal(size=(b, mc.image_size, mc.image_size, 3)).astype(np.float32),
+        "text": text,
+        "region_boxes": (rng.random((b, m, 4)) * 0.5 + [0, 0, 0.5, 0.5]).astype(np.float32),
+        "region_valid": valid,
+        "region_text": rtext,
+    }
+    trimmed = trim_region_text(batch, mc.eot_token_id)
+    dedup = dedup_region_text(trimmed, align=2)
+    # 3 phrases + the zero row, padded to 8 rows (phrase_count_bucket), of 12 slots
+    assert "region_text" not in dedup and dedup["region_phrases"].shape == (8, 8)
+    assert (dedup["region_phrases"][dedup["region_phrase_index"]] == trimmed["region_text"]).all()
+    grad = _jit(jax.value_and_grad(make_loss_fn(model, deep_merge(DEFAULTS, {"mode": "cloc"})), has_aux=True))
+    (l_full, aux_full), g_full = grad(params, trimmed)
+    (l_dedup, aux_dedup), g_dedup = grad(params, dedup)
+    assert abs(float(l_full) - float(l_dedup)) <= 1e-6
+    assert abs(float(aux_full["region_loss"]) - float(aux_dedup["region_loss"])) <= 1e-6
+
+    def rel(a, c):  # summed in another order: relative to each gradient's scale
+        return float(jnp.max(jnp.abs(a - c)) / max(1.0, float(jnp.max(jnp.abs(a)))))
+
+    assert max(jax.tree.leaves(jax.tree.map(rel, g_full, g_dedup))) <= 1e-6
+
+
+def test_phrase_count_bucket_few_shapes_and_aligned():
+    from clocmllm.encoder.input_pipeline import phrase_count_bucket
+
+    got = [phrase_count_bucket(u, 256) for u in (1, 16, 17, 101, 112, 113, 256)]
+    assert got == [16, 16, 32, 112, 112, 128, 256]
+    assert {phrase_count_bucket(u, 16) for u in range(1, 17)} == {8, 16}  # small batches: 2 shapes
+    assert all(phrase_count_bucket(u, 256, 8) % 8 == 0 for u in range(1, 257))
+    assert all(u <= phrase_count_bucket(u, 12, 3) <= 12 for u in range(1, 13))

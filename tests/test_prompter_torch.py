@@ -79,3 +79,50 @@ def test_from_folder_round_trip(tmp_path):
     save_file(state, str(tmp_path / WEIGHTS_NAME))
     with pytest.raises(ValueError, match="proj.weight"):
         ClocPrompter.from_folder(tmp_path)
+
+
+def test_box_mask_bias_marks_the_overlapped_cells():
+    from clocmllm.mllm.prompter import MASKED, box_attention_bias
+
+    # 4x4 grid, one class token; x 0.1-0.3 overlaps columns 0 and 1 (0.3 > 0.25), y 0.5-0.75
+    # overlaps row 2 only (0.75 is row 3's edge: zero-area contact does not count)
+    bias = box_attention_bias(torch.tensor([[[0.1, 0.5, 0.3, 0.75], [0.0, 0.0, 0.0, 0.0]]]), 4, 1)
+    allowed = (bias == 0)[0]
+    assert bias.shape == (1, 2, 17) and bool(allowed[:, 0].all())  # class token always allowed
+    assert allowed[0, 1:].reshape(4, 4).int().tolist() == [
+        [0, 0, 0, 0],
+        [0, 0, 0, 0],
+        [1, 1, 0, 0],
+        [0, 0, 0, 0],
+    ]
+    assert not bool(allowed[1, 1:].any())  # an empty (padded) box sees the class token only
+    assert set(bias.unique().tolist()) == {0.0, MASKED}
+
+
+@pytest.mark.parametrize("box_mask", [False, True])
+def test_box_mask_makes_region_embeddings_ignore_patches_outside_the_box(box_mask):
+    torch.manual_seed(1)
+    cfg = PrompterConfig(
+        width=16, embed_dim=8, heads=2, mlp_dim=32, box_frequencies=[1.0, 2.0],
+        image_size=32, patch_size=8, box_mask=box_mask,
+    )  # fmt: skip
+    model = ClocPrompter(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    tokens = torch.randn(1, 1 + 16, 16)
+    boxes = torch.tensor([[[0.0, 0.0, 0.45, 0.45]]])  # covers the top-left 2x2 cells
+    emb, _ = model(tokens, boxes)
+    outside = tokens.clone()
+    grid = outside[:, 1:].reshape(1, 4, 4, 16)
+    grid[:, 2:, :] += 3.0 * torch.randn(16)  # rows 2-3 and columns 2-3: every cell outside
+    grid[:, :, 2:] += 3.0 * torch.randn(16)
+    emb2, _ = model(outside, boxes)
+    inside = tokens.clone()
+    inside[:, 1 + 0] += 3.0 * torch.randn(16)  # cell (0, 0), inside the box
+    emb3, _ = model(inside, boxes)
+    assert not torch.allclose(emb3, emb)
+    if box_mask:
+        torch.testing.assert_close(emb2, emb, rtol=0, atol=0)
+    else:
+        assert not torch.allclose(emb2, emb)

@@ -176,6 +176,16 @@ def test_incompatible_resume_is_refused(setup, run_a):
     assert yaml.safe_load((run_a / "config.yaml").read_text())["model"]["vision_layers"] == 1
 
 
+def test_a_model_field_added_after_a_save_reads_as_its_default():
+    from clocmllm.encoder.trainer import incompatible_keys
+
+    old = {"mode": "cloc", "loss": "softmax", "model": {"vision_layers": 1}}  # saved before the field
+    assert incompatible_keys(old, {**old, "model": {"vision_layers": 1, "prompter_box_mask": False}}) == []
+    assert incompatible_keys(old, {**old, "model": {"vision_layers": 1, "prompter_box_mask": True}}) == [
+        "model.prompter_box_mask (False -> True)"
+    ]
+
+
 @pytest.mark.parametrize("name", ["tiny_clip", "tiny_cloc", "b16_cloc", "l14_cloc"])
 def test_recipes_resolve(name):
     from clocmllm.encoder.trainer import apply_overrides, load_recipe, resolve_config

@@ -45,6 +45,13 @@ class PrompterConfig:
     image_size: int = 224
     patch_size: int = 16
     class_token: bool = True
+    # Box prompts attend only to the class token and the patches their box overlaps
+    # (the JAX `ModelConfig.prompter_box_mask`; `box_attention_bias` below).
+    box_mask: bool = False
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> PrompterConfig:
@@ -81,6 +88,23 @@ def box_sinusoid(boxes: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor
     angles = 2 * math.pi * corners[..., None] * frequencies.to(corners.dtype)  # [..., 2, 2, F]
     feats = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # [..., 2, 2, 2F]
     return feats.reshape(*feats.shape[:-2], -1)
+
+
+MASKED = -1e9  # finite, as in JAX: exp underflows to exactly 0
+
+
+def box_attention_bias(boxes: torch.Tensor, grid: int, leading: int) -> torch.Tensor:
+    """boxes [B, M, 4] in [0, 1] -> additive bias [B, M, leading + grid**2] on the image
+    tokens: 0 for the leading (class) tokens and the patches whose cell overlaps the box with
+    positive area, MASKED for the others (JAX `box_attention_bias`, same rule)."""
+    edges = torch.arange(grid, dtype=torch.float32, device=boxes.device) / grid
+    b = boxes.float()
+    cols = (b[..., 0:1] < edges + 1.0 / grid) & (b[..., 2:3] > edges)  # [B, M, G]
+    rows = (b[..., 1:2] < edges + 1.0 / grid) & (b[..., 3:4] > edges)
+    inside = (rows[..., :, None] & cols[..., None, :]).reshape(*boxes.shape[:-1], grid * grid)
+    lead = torch.ones(*boxes.shape[:-1], leading, dtype=torch.bool, device=boxes.device)
+    allowed = torch.cat([lead, inside], dim=-1)
+    return torch.where(allowed, 0.0, MASKED).to(torch.float32)
 
 
 class BoxEmbed(nn.Module):
@@ -199,7 +223,7 @@ class ClocPrompter(nn.Module):
 
     # ------------------------------------------------------------------ heads
     def _prompted(
-        self, image_tokens: torch.Tensor, prompt: torch.Tensor
+        self, image_tokens: torch.Tensor, prompt: torch.Tensor, bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, T, Dv] + prompt tokens [B, M, P, Dv] -> (emb [B, M, E], feat [B, M, Dv]).
 
@@ -225,7 +249,10 @@ class ClocPrompter(nn.Module):
         q = heads(attn.q_proj(hp)) * dh**-0.5  # [B, M, H, P, Dh]
         k_own, v_own = heads(attn.k_proj(hp)), heads(attn.v_proj(hp))  # [B, M, H, P, Dh]
         k_img, v_img = heads(attn.k_proj(hi))[:, None], heads(attn.v_proj(hi))[:, None]  # [B, 1, H, T, Dh]
-        logits = torch.cat([q @ k_img.transpose(-1, -2), q @ k_own.transpose(-1, -2)], dim=-1)
+        l_img = q @ k_img.transpose(-1, -2)
+        if bias is not None:  # [B, M, T] on the image keys
+            l_img = l_img + bias[:, :, None, None, :].to(l_img.dtype)
+        logits = torch.cat([l_img, q @ k_own.transpose(-1, -2)], dim=-1)
         probs = torch.softmax(logits, dim=-1)
         out = probs[..., :t] @ v_img + probs[..., t:] @ v_own  # [B, M, H, P, Dh]
         x = prompt + attn.out_proj(out.transpose(-2, -3).reshape(b, m, p, d))
@@ -238,7 +265,11 @@ class ClocPrompter(nn.Module):
         if boxes.shape[-1] != 4 or boxes.dim() != 3:
             raise ValueError(f"boxes must be [B, M, 4], got {tuple(boxes.shape)}")
         prompt = self.box_embed(boxes.to(self.box_embed.dense.weight.dtype))
-        return self._prompted(image_tokens, prompt)
+        bias = None
+        if self.config.box_mask:
+            g = self.config.grid
+            bias = box_attention_bias(boxes, g, image_tokens.shape[1] - g * g)
+        return self._prompted(image_tokens, prompt, bias)
 
     def text_prompt(
         self, image_tokens: torch.Tensor, text_emb: torch.Tensor

@@ -16,7 +16,13 @@ Speed choices (XLA CPU, where a plain Flax CLIP lost to PyTorch in the backward 
 - LayerNorm (`layer_norm`) and the attention core (`attention_core`) have hand-written
   backwards whose row reductions are materialised (`optimization_barrier`): XLA CPU fused
   them into their elementwise consumers and recomputed them per element;
-- exact GELU is written out with `lax.erf` (4x faster forward than `jax.nn.gelu` on CPU).
+- exact GELU is written out with `lax.erf` (4x faster forward than `jax.nn.gelu` on CPU);
+- XLA CPU runs a dot whose LHS contracts its row axis (weight gradients x^T dy, attention's
+  p^T dy and ds^T q) as a generic thunk at ~half its GEMM speed: the core's dk/dv for
+  T <= 128 (`_transposed_grad`) and the weight gradient of in > out Dense layers
+  (`narrowing_linear`) are computed from a materialised transpose instead;
+- the text tower's last block computes q, scores and `out` at the pooled row only
+  (`Attention.at_rows`), and the prompter's prefix computes no q (`_qkv_columns`).
 `attention_impl='dot_product'` swaps in `jax.nn.dot_product_attention`, and
 'einsum_bthd' the stock Flax [B, T, H, Dh] layout, for comparison
 (scripts/bench/bench_encoder_attention.py).
@@ -71,8 +77,43 @@ def dense_2d(layer: nn.Module, x: jax.Array) -> jax.Array:
     weight gradient contracts two axes and misses the fast GEMM path.
     """
     lead = x.shape[:-1]
-    y = layer(x.reshape(-1, x.shape[-1]))
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[-1] > layer.features and layer.use_bias and not layer.is_initializing():
+        # the bias is added outside: its gradient (a row sum) stays autodiff's
+        p = layer.variables["params"]
+        dt = layer.dtype or x.dtype
+        y = narrowing_linear(x2.astype(dt), p["kernel"].astype(dt)) + p["bias"].astype(dt)
+    else:
+        y = layer(x2)
     return y.reshape(*lead, y.shape[-1])
+
+
+@jax.custom_vjp
+def narrowing_linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [N, I] @ kernel [I, O] for I > O (MLP fc2, patch embedding), with the weight
+    gradient computed as (dy^T x)^T on a materialised dy^T [O, N].
+
+    The plain weight gradient x^T dy contracts the row axis of both operands; XLA CPU runs
+    it as a generic `dot` thunk at about half the speed of its YNNPACK GEMMs. Fenced by
+    `optimization_barrier` (else XLA folds the transposes back into the dot), the canonical
+    form ran faster whenever I > O: [4160, 256] -> 64 2.1 -> 1.4 ms, [6304, 1536] -> 384
+    65 -> 58 ms; for I <= O it was slower, so those layers keep flax's Dense. Same forward.
+    """
+    return jnp.dot(x, kernel)
+
+
+def _narrowing_fwd(x, kernel):
+    return narrowing_linear(x, kernel), (x, kernel)
+
+
+def _narrowing_bwd(res, dy):
+    x, kernel = res
+    bar = jax.lax.optimization_barrier
+    dkernel = bar(bar(dy.T) @ x).T
+    return dy @ kernel.T, dkernel
+
+
+narrowing_linear.defvjp(_narrowing_fwd, _narrowing_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -201,17 +242,42 @@ def _core_fwd(q, k, v, causal):
     return y, (q, k, v, probs)
 
 
+# Sequence length up to which the core's backward computes dk and dv transposed (below).
+TRANSPOSED_GRAD_MAX_T = 128
+
+
+def _transposed_grad(x: jax.Array, s: jax.Array) -> jax.Array:
+    """sum_q s[.., q, k] x[.., q, d] -> [.., K, Dh], computed as (x^T s)^T.
+
+    The plain form contracts the row axis of both operands; XLA CPU runs it as a generic
+    `dot` thunk, ~5x slower than its YNNPACK GEMMs for the many tiny matrices of short
+    sequences (tiny: [64, 4, 65, 16]). With x^T [.., Dh, Q] materialised and the result
+    fenced by `optimization_barrier` (else XLA folds both transposes back into the dot),
+    it is a canonical GEMM; the two transposes are of the small [T, Dh] operands. Slower
+    at long T (ViT-S/16, T = 197: 77 -> 102 ms a core), hence `TRANSPOSED_GRAD_MAX_T`.
+    """
+    nb = x.ndim - 2
+    xt = jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+    batch = (tuple(range(nb)), tuple(range(nb)))
+    out = jax.lax.dot_general(xt, s.astype(x.dtype), (((nb + 1,), (nb,)), batch))
+    return jnp.swapaxes(jax.lax.optimization_barrier(out), -1, -2)
+
+
 def _core_bwd(causal, res, dy):
     q, k, v, probs = res
     f32 = jnp.float32
-    dv = jnp.einsum("...qk,...qd->...kd", probs.astype(dy.dtype), dy)
+    short = q.shape[-2] <= TRANSPOSED_GRAD_MAX_T and k.shape[-2] <= TRANSPOSED_GRAD_MAX_T
+    if short:
+        dv = _transposed_grad(dy, probs)
+    else:
+        dv = jnp.einsum("...qk,...qd->...kd", probs.astype(dy.dtype), dy)
     dp = jnp.einsum("...qd,...kd->...qk", dy, v, preferred_element_type=f32)
     # materialised row sum: see `_ln_bwd` (XLA CPU otherwise recomputes it per element)
     row = jax.lax.optimization_barrier(jnp.sum(dp * probs, axis=-1, keepdims=True))
     ds = probs * (dp - row) * (q.shape[-1] ** -0.5)
     ds = ds.astype(q.dtype)
     dq = jnp.einsum("...qk,...kd->...qd", ds, k)
-    dk = jnp.einsum("...qk,...qd->...kd", ds, q)
+    dk = _transposed_grad(q, ds) if short else jnp.einsum("...qk,...qd->...kd", ds, q)
     return dq, dk, dv
 
 
@@ -260,12 +326,56 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, self.width)
 
+    def _qkv_columns(self, x: jax.Array, start: int, stop: int) -> jax.Array:
+        """Columns [start, stop) of the fused QKV projection of x [N, D] (0:D = q, D:3D = k, v).
+
+        Same params and numbers as `self.qkv(x)[:, start:stop]` (flax Dense: promote, dot,
+        add bias) without computing the other columns: the text tower's last block needs q
+        at the pooled rows only, and the prompter's image prefix needs no q at all (its
+        backward also dropped a zero-filled concatenate).
+        """
+        if self.is_initializing():  # the Dense creates its params on its first call
+            return self.qkv(x)[:, start:stop]
+        p = self.qkv.variables["params"]
+        kernel = p["kernel"][:, start:stop].astype(self.dtype)
+        return jnp.dot(x.astype(self.dtype), kernel) + p["bias"][start:stop].astype(self.dtype)
+
+    def _kv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, S, D] -> keys and values [B, H, S, Dh]."""
+        b, s, d = x.shape
+        kv = self._qkv_columns(x.reshape(b * s, d), d, 3 * d).reshape(b, s, 2 * d)
+        k, v = jnp.split(kv, 2, axis=-1)
+        heads = lambda a: jnp.transpose(a.reshape(b, s, self.heads, -1), (0, 2, 1, 3))  # noqa: E731
+        return heads(k), heads(v)
+
+    def at_rows(self, x: jax.Array, rows: jax.Array) -> jax.Array:
+        """x [B, T, D], rows [B] -> the attention output at position rows[b] only [B, D].
+
+        Same as `__call__(x)[arange(B), rows]`: keys and values of all T positions, but q,
+        the T x T scores and the output projection for one query row a sequence (the text
+        tower's last block, whose other rows nobody reads).
+        """
+        b, t, d = x.shape
+        h = self.heads
+        k, v = self._kv_heads(x)
+        xr = jnp.take_along_axis(x, rows[:, None, None], axis=1)[:, 0]
+        q = self._qkv_columns(xr, 0, d).reshape(b, h, 1, d // h)
+        q = q * jnp.asarray((d // h) ** -0.5, q.dtype)
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        if self.causal:
+            seen = jnp.arange(t)[None, None, None, :] <= rows[:, None, None, None]
+            logits = jnp.where(seen, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        y = jnp.einsum("bhqk,bhkd->bhqd", probs, v).reshape(b, d)
+        return self.out(y)
+
     def prefix_kv(self, prefix: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values [B, H, S, Dh] of the shared prefix [B, S, D] (for `with_prefix`)."""
-        _, pk, pv = _split_heads(dense_2d(self.qkv, prefix), self.heads)
-        return pk, pv
+        return self._kv_heads(prefix)
 
-    def with_prefix(self, x: jax.Array, kv: tuple[jax.Array, jax.Array]) -> jax.Array:
+    def with_prefix(
+        self, x: jax.Array, kv: tuple[jax.Array, jax.Array], bias: jax.Array | None = None
+    ) -> jax.Array:
         """Outputs for x [B, M, P, D] when each of the M sequences is [prefix_b ; x_bm].
 
         Equal to running `__call__` on the M concatenated sequences [B*M, S+P, D] and
@@ -280,6 +390,8 @@ class Attention(nn.Module):
         q = q * jnp.asarray(dh**-0.5, q.dtype)
         f32 = jnp.float32
         l_pre = jnp.einsum("bmhqd,bhkd->bmhqk", q, pk, preferred_element_type=f32)
+        if bias is not None:  # [B, M, S]: a per-prompt additive bias on the prefix keys
+            l_pre = l_pre + bias[:, :, None, None, :].astype(f32)
         l_own = jnp.einsum("bmhqd,bmhkd->bmhqk", q, k, preferred_element_type=f32)
         probs = jax.nn.softmax(jnp.concatenate([l_pre, l_own], axis=-1), axis=-1)
         probs = probs.astype(v.dtype)
@@ -316,11 +428,12 @@ class Block(nn.Module):
     def at_rows(self, x: jax.Array, rows: jax.Array) -> jax.Array:
         """x [B, T, D], rows [B] -> the block's output at position rows[b] of each sequence [B, D].
 
-        Same as `__call__(x)[arange(B), rows]`, but the MLP (2/3 of a block's FLOPs) runs on
-        the B kept rows only: the text tower's last block, whose other outputs nobody reads.
+        Same as `__call__(x)[arange(B), rows]`, but the MLP (2/3 of a block's FLOPs), the
+        attention's queries and its output projection run on the B kept rows only
+        (`Attention.at_rows`): the text tower's last block, whose other outputs nobody reads.
         """
-        x = x + self.attn(self.ln1(x))
-        x = jnp.take_along_axis(x, rows[:, None, None], axis=1)[:, 0]
+        x_rows = jnp.take_along_axis(x, rows[:, None, None], axis=1)[:, 0]
+        x = x_rows + self.attn.at_rows(self.ln1(x), rows)
         return x + self.mlp(self.ln2(x))
 
     def prefix_kv(self, prefix: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -328,7 +441,11 @@ class Block(nn.Module):
         return self.attn.prefix_kv(self.ln1(prefix))
 
     def with_prefix(
-        self, x: jax.Array, prefix: jax.Array | None = None, kv: tuple[jax.Array, jax.Array] | None = None
+        self,
+        x: jax.Array,
+        prefix: jax.Array | None = None,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        bias: jax.Array | None = None,
     ) -> jax.Array:
         """x [B, M, P, D] prompt tokens, prefix [B, S, D] shared tokens -> new x.
 
@@ -338,7 +455,7 @@ class Block(nn.Module):
         """
         if kv is None:
             kv = self.prefix_kv(prefix)
-        x = x + self.attn.with_prefix(self.ln1(x), kv)
+        x = x + self.attn.with_prefix(self.ln1(x), kv, bias)
         return x + self.mlp(self.ln2(x))
 
 

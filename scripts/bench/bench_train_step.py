@@ -16,8 +16,11 @@ Step = forward of both towers + loss + backward + global-norm clipping + AdamW u
 same work on both sides (CLIP softmax loss; HF `return_loss=True`). The CLOC step adds the
 region-text, prompter and grounding terms over M=4 regions an image; its region phrases are
 SOT + 2-6 random words + EOT padded to 16 tokens, then cut after the longest first EOT to a
-bucket length (8 here) exactly as the trainer does (`trim_region_text`); the variant
-`jax:cloc_untrimmed:einsum` keeps all 16 tokens (the step before that change).
+bucket length (8 here) exactly as the trainer does (`trim_region_text`), then each distinct
+phrase is encoded once (`dedup_region_text`, the trainer's `data.dedup_phrases`). The variant
+`jax:cloc_nodedup:einsum` skips the de-duplication, `jax:cloc_untrimmed:einsum` both (all 16
+tokens). `--phrases world` draws the phrases from the synthetic world's 112 instead of random
+words: real phrase data repeats, the random phrases never do (report both).
 This script imports both torch and jax (only in its subprocesses); it is a bench, not library code.
 """
 
@@ -61,16 +64,34 @@ def model_config(preset: str, attention_impl: str = "einsum"):
     )
 
 
+def world_phrases() -> list[list[int]]:
+    """The synthetic world's 112 region phrases ('size colour shape') as SOT + 3 word ids + EOT."""
+    from clocmllm.data.world_vocab import class_names
+
+    names = class_names()
+    words = sorted({w for n in names for w in n.split()})
+    return [[1, *(2 + words.index(w) for w in n.split()), VOCAB - 1] for n in names]
+
+
 def fake_batch(mc, batch: int, m: int = 4) -> dict:
     rng = np.random.default_rng(0)
     text = rng.integers(1, VOCAB - 1, (batch, CONTEXT)).astype(np.int32)
     text[:, 20] = VOCAB - 1
-    # region phrases as the trainer sees them: SOT + 2-6 words + EOT, zero padded to 16
+    # region phrases as the trainer sees them, zero padded to 16 tokens; BENCH_PHRASES=random:
+    # SOT + 2-6 random words + EOT (no two alike); world: one of the synthetic world's 112
+    # phrases each, uniformly (world_scene draws size, colour and shape uniformly and
+    # independently), so a batch repeats phrases as the world's data does
     rtext = np.zeros((batch, m, REGION_CONTEXT), np.int32)
-    words = rng.integers(2, 7, (batch, m))
-    for i, j in np.ndindex(batch, m):
-        n = int(words[i, j])
-        rtext[i, j, : n + 2] = [1, *rng.integers(2, VOCAB - 1, n), VOCAB - 1]
+    if os.environ.get("BENCH_PHRASES", "random") == "world":
+        vocab = world_phrases()
+        for i, j in np.ndindex(batch, m):
+            p = vocab[int(rng.integers(len(vocab)))]
+            rtext[i, j, : len(p)] = p
+    else:
+        words = rng.integers(2, 7, (batch, m))
+        for i, j in np.ndindex(batch, m):
+            n = int(words[i, j])
+            rtext[i, j, : n + 2] = [1, *rng.integers(2, VOCAB - 1, n), VOCAB - 1]
     x1 = rng.random((batch, m, 2)).astype(np.float32) * 0.5
     return {
         "images": rng.normal(size=(batch, mc.image_size, mc.image_size, 3)).astype(np.float32),
@@ -84,7 +105,7 @@ def fake_batch(mc, batch: int, m: int = 4) -> dict:
 def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
     import jax
 
-    from clocmllm.encoder.input_pipeline import trim_region_text
+    from clocmllm.encoder.input_pipeline import dedup_region_text, trim_region_text
     from clocmllm.encoder.models.clip import CLIP
     from clocmllm.encoder.optimizer import build_optimizer
     from clocmllm.encoder.trainer import (
@@ -97,13 +118,16 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
 
     mc = model_config(preset, impl)
     model = CLIP(mc)
-    cfg = deep_merge(DEFAULTS, {"mode": "cloc" if mode == "cloc_untrimmed" else mode})
+    cfg = deep_merge(DEFAULTS, {"mode": "clip" if mode == "clip" else "cloc"})
     tx, sched = build_optimizer(cfg["optim"], 1000)
     _, init = abstract_state(model, tx, 0)
     state = jax.jit(init)()
     host = fake_batch(mc, BATCH[preset])
-    if mode == "cloc":  # as the trainer does: phrases cut after their longest first EOT
+    if mode in ("cloc", "cloc_nodedup"):  # as the trainer does: phrases cut after their longest first EOT
         host = trim_region_text(host, mc.eot_token_id)
+    unique = len(np.unique(host["region_text"].reshape(-1, host["region_text"].shape[-1]), axis=0))
+    if mode == "cloc":  # ... and each distinct phrase encoded once (data.dedup_phrases)
+        host = dedup_region_text(host)
     batch = {k: jax.numpy.asarray(v) for k, v in host.items()}
     if mode == "clip":
         batch = {k: batch[k] for k in ("images", "text")}
@@ -119,7 +143,12 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics["loss"])
         times.append(clock() - t0)
-    return {"compile_s": compile_s, "step_s": statistics.median(times[1:]), "loss": float(metrics["loss"])}
+    out = {"compile_s": compile_s, "step_s": statistics.median(times[1:]), "loss": float(metrics["loss"])}
+    if mode != "clip":
+        out["phrases"] = f"{unique}/{host['region_valid'].size}"
+        if "region_phrases" in host:
+            out["phrases"] += f" -> {len(host['region_phrases'])} rows"
+    return out
 
 
 def _torch_setup(preset: str):
@@ -298,6 +327,13 @@ def main() -> None:
         "would (clocmllm.encoder.host_malloc, trainer.wants_malloc_reuse: tiny yes, vit_s16 at "
         "batch 32 no); tuned: always; glibc: never",
     )
+    ap.add_argument(
+        "--phrases",
+        choices=("random", "world"),
+        default="random",
+        help="CLOC region phrases: random (2-6 random words, no repeats: de-duplication cannot "
+        "help) or world (the synthetic world's 112 phrases, drawn uniformly: a batch repeats them)",
+    )
     ap.add_argument("--one", nargs=2, metavar=("KIND", "PRESET"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -308,6 +344,7 @@ def main() -> None:
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "BENCH_MALLOC": args.malloc,
+        "BENCH_PHRASES": args.phrases,
     }
     if args.threads:
         env["BENCH_THREADS"] = str(args.threads)
@@ -318,7 +355,7 @@ def main() -> None:
             ).strip()
     print(
         f"cores={os.cpu_count()} threads={args.threads or 'all'} load={os.getloadavg()[0]:.1f} "
-        f"steps={args.steps} rounds={args.rounds} malloc={args.malloc}"
+        f"steps={args.steps} rounds={args.rounds} malloc={args.malloc} phrases={args.phrases}"
     )
     if args.pieces:
         for preset in args.presets:
@@ -358,10 +395,17 @@ def main() -> None:
             print(
                 f"  {kind:22s} {1000 * res['step_s']:9.1f} {ratio:>9s} {res['compile_s']:10.1f} {res['peak_rss_mb']:8.0f}"
             )
-        for cloc in ("jax:cloc:einsum", "jax:cloc_untrimmed:einsum"):
+        for kind, res in best.items():
+            if "phrases" in res:
+                print(f"  {kind}: distinct/all phrases {res['phrases']}")
+        whats = {
+            "jax:cloc:einsum": "",
+            "jax:cloc_nodedup:einsum": ", phrases not de-duplicated",
+            "jax:cloc_untrimmed:einsum": ", phrases untrimmed, not de-duplicated",
+        }
+        for cloc, what in whats.items():
             if "jax:clip:einsum" in best and cloc in best:
                 over = best[cloc]["step_s"] / best["jax:clip:einsum"]["step_s"] - 1
-                what = "" if cloc == "jax:cloc:einsum" else ", phrases untrimmed"
                 print(f"  CLOC step overhead over our CLIP step (M=4{what}): {100 * over:+.1f}%")
 
 
