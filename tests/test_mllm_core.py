@@ -295,3 +295,21 @@ def test_random_llm_config_must_give_its_size():
         build_llm({"config": {"hidden_size": 8}})
     llm = build_llm({"config": tiny.llm_config("qwen2")}, vocab_size=64)
     assert llm.get_input_embeddings().num_embeddings == 64
+
+
+def test_user_text_places_one_box_and_refuses_mismatched_regions():
+    from clocmllm.mllm.inference import user_text
+
+    box = [100, 200, 300, 400]
+    placed = "What is the object at [100, 200, 300, 400] <region>?"
+    assert user_text("What is the object at {box}?", box, False) == placed
+    assert user_text("What is the object at <region>?", box, False) == placed  # typed token = {box}
+    assert user_text("What is it?", box, False) == "What is it? [100, 200, 300, 400] <region>"
+    assert user_text(None, box, False) == placed  # the default referring question
+    for prompt, given in [
+        ("Compare {box} and <region>.", box),
+        ("What is at {box}?", None),
+        ("<region>?", None),
+    ]:
+        with pytest.raises(ValueError, match="--box"):
+            user_text(prompt, given, False)

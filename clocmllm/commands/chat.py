@@ -53,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"boxes (pixels): {boxes}\ndrawn: {out}")
 
     if args.prompt is not None or args.box is not None:
-        one(args.prompt, args.box)
+        try:
+            one(args.prompt, args.box)
+        except ValueError as err:  # a question whose regions and boxes do not match
+            print(f"\nerror: {err}", file=sys.stderr)
+            return 2
         return 0
     while True:
         try:
@@ -71,5 +75,8 @@ def run(args: argparse.Namespace) -> int:
                 print(err, file=sys.stderr)
                 continue
             line = rest[0] if rest else ""
-        one(line or None, box)
+        try:
+            one(line or None, box)
+        except ValueError as err:
+            print(f"\nerror: {err}", file=sys.stderr)
     return 0

@@ -57,13 +57,26 @@ class _CallbackStreamer:
 def user_text(
     prompt: str | None, box_grid: list[int] | None, first: bool, image_position: str = "first"
 ) -> str:
-    """The user's message: `{box}` in the prompt (or the default question) gets `[..] <region>`."""
+    """The user's message: `{box}` in the prompt (or the default question) gets `[..] <region>`.
+
+    A `<region>` typed by the user stands for `{box}` (a frequent first try); any other count of
+    region tokens than boxes is refused here, with what to write, instead of deep in the model.
+    """
     text = prompt or ""
     if box_grid is not None:
         box_text = f"{format_box(box_grid)} {REGION_TOKEN}"
         if not text:
             text = DEFAULT_REFERRING
-        text = text.replace("{box}", box_text) if "{box}" in text else f"{text} {box_text}"
+        if "{box}" not in text and REGION_TOKEN in text:
+            text = text.replace(REGION_TOKEN, "{box}", 1)
+        text = text.replace("{box}", box_text, 1) if "{box}" in text else f"{text} {box_text}"
+    wanted = 0 if box_grid is None else 1
+    if text.count(REGION_TOKEN) != wanted or "{box}" in text:
+        raise ValueError(
+            f"the question refers to {text.count(REGION_TOKEN) + text.count('{box}')} region(s) but "
+            f"{wanted} box was given: pass one box (--box x1,y1,x2,y2, or /box in a chat) and write "
+            "{box} (or <region>) once where it goes in the question"
+        )
     if first and (IMAGE_TOKEN not in text or image_position != "first"):
         text = templates.place_image(text, image_position, IMAGE_TOKEN)
     return text
