@@ -245,22 +245,29 @@ def trim_region_text(batch: dict[str, np.ndarray], eot_token_id: int) -> dict[st
     return {**batch, "region_text": np.ascontiguousarray(tokens[..., :length])}
 
 
-def phrase_count_bucket(unique: int, slots: int, align: int = 1, steps: int = 16, min_grain: int = 8) -> int:
+def phrase_count_bucket(
+    unique: int, slots: int, align: int = 1, steps: int = 16, min_grain: int = 8, floor: int = 0
+) -> int:
     """Rows the de-duplicated phrase array is padded to: `unique` rounded up to a multiple of
-    max(ceil(slots / steps), min_grain) (itself a multiple of `align`), at most `slots`
-    rounded up to `align`.
+    max(ceil(slots / steps), min_grain) (itself a multiple of `align`), at least `floor`, at
+    most `slots` rounded up to `align`.
 
     Why: jit compiles once per shape; the distinct-phrase count of a batch varies a little from
     batch to batch (the synthetic world at B*M = 256: ~101 +- 3), so 16 steps keep it to one or
     two shapes; `min_grain` keeps small batches (B*M = 16 in the tests) to two. `align` = the
-    device count, so the rows shard evenly over the batch mesh.
+    device count, so the rows shard evenly over the batch mesh. `floor`: the trainer passes the
+    largest row count it has used so far, so the count only grows and a run compiles its step
+    for one or two counts, not for every count its batches happen to need (each compile costs
+    ~10 s at `tiny`, more than a short run's de-duplication saves).
     """
     grain = -(-max(min_grain, -(-slots // steps)) // align) * align
     top = -(-slots // align) * align
-    return min(top, max(grain, -(-unique // grain) * grain))
+    return min(top, max(grain, floor, -(-unique // grain) * grain))
 
 
-def dedup_region_text(batch: dict[str, np.ndarray], align: int = 1) -> dict[str, np.ndarray]:
+def dedup_region_text(
+    batch: dict[str, np.ndarray], align: int = 1, min_rows: int = 0
+) -> dict[str, np.ndarray]:
     """The batch with `region_text` [b, M, T] replaced by its distinct rows `region_phrases`
     [U, T] (zero-padded to `phrase_count_bucket` rows) and `region_phrase_index` [b, M] int32
     into them; `make_loss_fn` encodes the U phrases once and gathers their embeddings.
@@ -281,7 +288,7 @@ def dedup_region_text(batch: dict[str, np.ndarray], align: int = 1) -> dict[str,
     b, m, t = tokens.shape
     flat = np.ascontiguousarray(tokens.reshape(b * m, t))
     uniq, index = np.unique(flat, axis=0, return_inverse=True)
-    rows = phrase_count_bucket(len(uniq), b * m, align)
+    rows = phrase_count_bucket(len(uniq), b * m, align, floor=min_rows)
     if rows >= b * m:  # nothing saved (e.g. no repeats): the gather would only cost time
         return batch
     phrases = np.zeros((rows, t), tokens.dtype)

@@ -608,6 +608,7 @@ def train(
     trim_phrases = cfg["mode"] == "cloc" and cfg["recipe"] != "lcl" and jax.process_count() == 1
     # ... and each distinct phrase encoded once (the rocket recipe reads `region_text` itself)
     dedup_phrases = trim_phrases and cfg["recipe"] == "cloc" and bool(cfg["data"]["dedup_phrases"])
+    dedup_rows = 0
     bar = tqdm(
         total=total, initial=start, desc="pretrain", disable=not cfg["progress"] or jax.process_index() != 0
     )
@@ -621,7 +622,9 @@ def train(
             if trim_phrases:
                 host = trim_region_text(host, mc.eot_token_id)
             if dedup_phrases:
-                host = dedup_region_text(host, align=mesh.devices.size)
+                host = dedup_region_text(host, align=mesh.devices.size, min_rows=dedup_rows)
+                # rows only grow (phrase_count_bucket's floor): few step shapes, few compiles
+                dedup_rows = len(host["region_phrases"]) if "region_phrases" in host else 1 << 30
             if step == int(cfg["debug"]["nan_at_step"]):
                 host["images"] = np.full_like(host["images"], np.nan)
             batch = shard_batch({k: v for k, v in host.items() if k != "index"}, mesh)
