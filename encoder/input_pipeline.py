@@ -299,6 +299,21 @@ def dedup_region_text(
     return out
 
 
+class PhraseDedup:
+    """`dedup_region_text` across a run's batches: the row count only grows (each batch's
+    floor is the largest count so far, all B*M slots once a batch had nothing to save), so a
+    run's step sees one or two phrase shapes and compiles once for each."""
+
+    def __init__(self, align: int = 1):
+        self.align = align
+        self.rows = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = dedup_region_text(batch, self.align, min_rows=self.rows)
+        self.rows = len(out["region_phrases"]) if "region_phrases" in out else out["region_valid"].size
+        return out
+
+
 def sample_regions(count: int, m: int, rng: np.random.Generator) -> list[int]:
     """Indices of up to `m` regions: random without replacement when more, all when fewer."""
     if count <= m:

@@ -176,16 +176,6 @@ def _check_keys(cfg: Mapping, ref: Mapping, prefix: str) -> None:
             _check_keys(v, ref[k], f"{prefix}{k}.")
 
 
-def _model_defaults() -> dict[str, Any]:
-    import dataclasses
-
-    from clocmllm.encoder.config import ModelConfig
-
-    return {
-        f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING
-    }
-
-
 def incompatible_keys(saved: Mapping, new: Mapping) -> list[str]:
     """Dotted keys whose values differ in a way a checkpoint cannot absorb."""
     diffs = (
@@ -197,7 +187,9 @@ def incompatible_keys(saved: Mapping, new: Mapping) -> list[str]:
         diffs.append(f"loss ({saved.get('loss')} -> {new.get('loss')})")
     sm, nm = saved.get("model", {}), new.get("model", {})
     # a field added after the run was saved (e.g. prompter_box_mask) reads as its default
-    defaults = _model_defaults()
+    from clocmllm.encoder.config import ModelConfig
+
+    defaults = ModelConfig().to_dict()
     for k in sorted(set(sm) | set(nm)):
         old, cur = sm.get(k, defaults.get(k)), nm.get(k, defaults.get(k))
         if k not in _COMPUTE_ONLY and old != cur:
@@ -481,9 +473,9 @@ def train(
     from clocmllm.encoder import checkpoints as ck
     from clocmllm.encoder.input_pipeline import (
         BatchIterator,
+        PhraseDedup,
         PipelineConfig,
         RegionDataset,
-        dedup_region_text,
         load_records,
         trim_region_text,
     )
@@ -607,8 +599,8 @@ def train(
     # one host only, since every host's batch must have the same shape
     trim_phrases = cfg["mode"] == "cloc" and cfg["recipe"] != "lcl" and jax.process_count() == 1
     # ... and each distinct phrase encoded once (the rocket recipe reads `region_text` itself)
-    dedup_phrases = trim_phrases and cfg["recipe"] == "cloc" and bool(cfg["data"]["dedup_phrases"])
-    dedup_rows = 0
+    dedup = trim_phrases and cfg["recipe"] == "cloc" and bool(cfg["data"]["dedup_phrases"])
+    dedup_phrases = PhraseDedup(align=mesh.devices.size) if dedup else None
     bar = tqdm(
         total=total, initial=start, desc="pretrain", disable=not cfg["progress"] or jax.process_index() != 0
     )
@@ -621,10 +613,8 @@ def train(
             host = next(it)
             if trim_phrases:
                 host = trim_region_text(host, mc.eot_token_id)
-            if dedup_phrases:
-                host = dedup_region_text(host, align=mesh.devices.size, min_rows=dedup_rows)
-                # rows only grow (phrase_count_bucket's floor): few step shapes, few compiles
-                dedup_rows = len(host["region_phrases"]) if "region_phrases" in host else 1 << 30
+            if dedup_phrases is not None:
+                host = dedup_phrases(host)
             if step == int(cfg["debug"]["nan_at_step"]):
                 host["images"] = np.full_like(host["images"], np.nan)
             batch = shard_batch({k: v for k, v in host.items() if k != "index"}, mesh)

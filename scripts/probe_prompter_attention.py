@@ -9,9 +9,9 @@ rest goes to patches the box overlaps whose centres lie outside it.
 
 For each eval region (box prompt, every head and both corner tokens) it prints the mean
 attention mass on the patches inside the box, on all patches, and on the class token, next to
-the share of patches inside the box (what uniform attention would give). It recomputes the
-prompter block's attention weights with the exported PyTorch prompter's own modules, so it
-measures exactly what the MLLM's referring path uses.
+the share of patches inside the box (what uniform attention would give). The weights come
+from the exported PyTorch prompter (`ClocPrompter.box_attention`, the same computation its
+forward uses), so it measures exactly what the MLLM's referring path uses.
 """
 
 from __future__ import annotations
@@ -24,31 +24,6 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def attention_weights(prompter, image_tokens, boxes):
-    """[1, T, D] tokens, [1, M, 4] boxes -> attention probabilities [M, H, P, T + P]."""
-    import torch
-
-    from clocmllm.mllm.prompter import box_attention_bias
-
-    cfg = prompter.config
-    prompt = prompter.box_embed(boxes)
-    layer, attn = prompter.layer, prompter.layer.self_attn
-    h, d = attn.heads, prompt.shape[-1]
-
-    def heads(x):
-        return x.reshape(*x.shape[:-1], h, d // h).transpose(-2, -3)
-
-    hi, hp = layer.layer_norm1(image_tokens), layer.layer_norm1(prompt)
-    q = heads(attn.q_proj(hp)) * (d // h) ** -0.5
-    l_img = q @ heads(attn.k_proj(hi))[:, None].transpose(-1, -2)
-    if cfg.box_mask:
-        l_img = (
-            l_img + box_attention_bias(boxes, cfg.grid, image_tokens.shape[1] - cfg.grid**2)[:, :, None, None]
-        )
-    logits = torch.cat([l_img, q @ heads(attn.k_proj(hp)).transpose(-1, -2)], dim=-1)
-    return torch.softmax(logits, dim=-1)[0]
 
 
 def main() -> None:
@@ -82,7 +57,7 @@ def main() -> None:
             boxes = torch.tensor([list(geom.to_unit(r["box"])) for r in rec["regions"]], dtype=torch.float32)[
                 None
             ]
-            probs = attention_weights(tower.prompter, last, boxes)  # [M, H, P, T + P]
+            probs = tower.prompter.box_attention(last, boxes)[0]  # [M, H, P, T + P]
             for k, b in enumerate(boxes[0]):
                 cols = (centres >= b[0]) & (centres <= b[2])
                 rows = (centres >= b[1]) & (centres <= b[3])

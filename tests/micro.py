@@ -43,3 +43,24 @@ def jax_cli_env(xla_flags: str = "") -> dict[str, str]:
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"{xla_flags} --xla_backend_optimization_level=0".strip(),
     }
+
+
+def save_random_checkpoint(root, cfg, step: int = 1):
+    """A random-init checkpoint of `cfg` (a ModelConfig) at `root/wd`, with a two-word
+    tokenizer named in its config: what `clocmllm export` needs. Returns the params."""
+    import jax
+    import numpy as np
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from clocmllm.encoder.checkpoints import save_params
+    from clocmllm.encoder.models.clip import CLIP
+
+    model = CLIP(cfg)
+    params = jax.jit(lambda r: model.init(r, *model.dummy_inputs(1))["params"])(jax.random.key(0))
+    params = jax.tree.map(np.asarray, params)
+    Tokenizer(WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(root / "tokenizer.json"))
+    save_params(
+        root / "wd", {"model": cfg.to_dict(), "tokenizer": str(root / "tokenizer.json")}, params, step
+    )
+    return params

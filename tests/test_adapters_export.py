@@ -11,6 +11,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from micro import save_random_checkpoint  # noqa: E402
+
 from clocmllm.adapters import export as export_mod  # noqa: E402
 from clocmllm.adapters import parity  # noqa: E402
 from clocmllm.adapters.export import ParityError, export_encoder  # noqa: E402
@@ -26,20 +28,9 @@ def _tiny_cfg():
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A tiny random checkpoint (with a tokenizer.json named in its config)."""
-    import jax
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-
-    from clocmllm.encoder.checkpoints import save_params
-    from clocmllm.encoder.models.clip import CLIP
-
     cfg = _tiny_cfg()
-    model = CLIP(cfg)
-    params = jax.jit(lambda r: model.init(r, *model.dummy_inputs(1))["params"])(jax.random.key(0))
-    params = jax.tree.map(np.asarray, params)
     root = tmp_path_factory.mktemp("export")
-    Tokenizer(WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(root / "tokenizer.json"))
-    save_params(root / "wd", {"model": cfg.to_dict(), "tokenizer": str(root / "tokenizer.json")}, params, 3)
+    params = save_random_checkpoint(root, cfg, step=3)
     return root, cfg, params
 
 

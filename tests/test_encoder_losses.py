@@ -323,22 +323,21 @@ def test_phrase_count_bucket_few_shapes_and_aligned():
 
 
 def test_dedup_rows_only_grow_across_batches():
-    """The trainer feeds the last row count back as `min_rows`: a run's phrase arrays take one
-    or two shapes (one step compile each), not one per distinct count its batches need."""
-    from clocmllm.encoder.input_pipeline import dedup_region_text, phrase_count_bucket
+    """The trainer's `PhraseDedup`: a run's phrase arrays take one or two shapes (one step
+    compile each), not one per distinct count its batches need."""
+    from clocmllm.encoder.input_pipeline import PhraseDedup, dedup_region_text, phrase_count_bucket
 
     assert phrase_count_bucket(20, 256, floor=112) == 112 and phrase_count_bucket(120, 256, floor=112) == 128
     assert phrase_count_bucket(20, 256, floor=1 << 30) == 256  # capped at the slot count
     rng = np.random.default_rng(0)
-    rows, shapes = 0, set()
-    for _ in range(40):  # 16 x 4 slots of 5-token phrases from a 40-phrase vocabulary
+    dedup, shapes, free = PhraseDedup(), set(), set()
+    for _ in range(40):  # 16 x 4 slots of 5-token phrases from a 40- or 12-phrase vocabulary
         vocab = rng.integers(1, 50, (40, 5))
-        batch = {"region_text": vocab[rng.integers(0, 40 if rng.random() < 0.5 else 12, (16, 4))]}
-        out = dedup_region_text(batch, min_rows=rows)
-        rows = len(out["region_phrases"]) if "region_phrases" in out else 1 << 30
+        tokens = vocab[rng.integers(0, 40 if rng.random() < 0.5 else 12, (16, 4))]
+        batch = {"region_text": tokens, "region_valid": np.ones((16, 4), bool)}
+        out = dedup(batch)
         shapes.add(out["region_phrases"].shape if "region_phrases" in out else out["region_text"].shape)
+        free.add(dedup_region_text(batch)["region_phrases"].shape)  # per-batch counts, no floor
         if "region_phrases" in out:  # still exact: every slot finds its own phrase
-            np.testing.assert_array_equal(
-                out["region_phrases"][out["region_phrase_index"]], batch["region_text"]
-            )
-    assert len(shapes) <= 2, shapes
+            np.testing.assert_array_equal(out["region_phrases"][out["region_phrase_index"]], tokens)
+    assert len(shapes) <= 2 < len(free), (shapes, free)

@@ -11,6 +11,8 @@ import pytest
 jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
 
+from micro import save_random_checkpoint  # noqa: E402
+
 from clocmllm.encoder.config import load_model_config  # noqa: E402
 from clocmllm.encoder.models.clip import CLIP  # noqa: E402
 from clocmllm.encoder.models.prompter import box_attention_bias  # noqa: E402
@@ -70,18 +72,9 @@ def test_jax_region_embedding_ignores_patches_outside_the_box(box_mask):
 
 
 def test_export_with_box_mask_passes_parity(tmp_path):
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-
     from clocmllm.adapters.export import export_encoder
-    from clocmllm.encoder.checkpoints import save_params
 
-    cfg = _cfg(True)
-    params = jax.tree.map(np.asarray, _params(CLIP(cfg)))
-    Tokenizer(WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
-    save_params(
-        tmp_path / "wd", {"model": cfg.to_dict(), "tokenizer": str(tmp_path / "tokenizer.json")}, params, 1
-    )
+    save_random_checkpoint(tmp_path, _cfg(True))
     report = export_encoder(tmp_path / "wd", tmp_path / "hf", verbose=False)  # raises on a parity failure
     assert json.loads((tmp_path / "hf" / "prompter_config.json").read_text())["box_mask"] is True
     diffs = report["parity"]["diffs"]

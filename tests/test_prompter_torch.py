@@ -122,7 +122,12 @@ def test_box_mask_makes_region_embeddings_ignore_patches_outside_the_box(box_mas
     inside[:, 1 + 0] += 3.0 * torch.randn(16)  # cell (0, 0), inside the box
     emb3, _ = model(inside, boxes)
     assert not torch.allclose(emb3, emb)
+    probs = model.box_attention(tokens, boxes)  # what scripts/probe_prompter_attention.py reads
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    patches = probs[0, 0, ..., 1:17].reshape(*probs.shape[2:4], 4, 4)
     if box_mask:
         torch.testing.assert_close(emb2, emb, rtol=0, atol=0)
+        assert patches[..., 2:, :].abs().max() == 0 and patches[..., :, 2:].abs().max() == 0
     else:
         assert not torch.allclose(emb2, emb)
+        assert patches[..., 2:, :].min() > 0

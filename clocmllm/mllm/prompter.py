@@ -222,6 +222,43 @@ class ClocPrompter(nn.Module):
         return model.to(device).eval()
 
     # ------------------------------------------------------------------ heads
+    def _attention(
+        self, image_tokens: torch.Tensor, prompt: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's attention weights for the prompt tokens, [B, M, H, P, T + P] (image keys,
+        then the prompt's own), and the values they weigh: image [B, 1, H, T, Dh], own
+        [B, M, H, P, Dh]."""
+        layer, attn = self.layer, self.layer.self_attn
+        h = attn.heads
+        dh = prompt.shape[-1] // h
+        # compute in the prompter's own dtype (a bf16 tower may feed an fp32 prompter)
+        tokens = image_tokens.to(prompt.dtype)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # [..., L, D] -> [..., H, L, Dh]
+            return x.reshape(*x.shape[:-1], h, dh).transpose(-2, -3)
+
+        hi, hp = layer.layer_norm1(tokens), layer.layer_norm1(prompt)
+        q = heads(attn.q_proj(hp)) * dh**-0.5  # [B, M, H, P, Dh]
+        k_own, v_own = heads(attn.k_proj(hp)), heads(attn.v_proj(hp))  # [B, M, H, P, Dh]
+        k_img, v_img = heads(attn.k_proj(hi))[:, None], heads(attn.v_proj(hi))[:, None]  # [B, 1, H, T, Dh]
+        l_img = q @ k_img.transpose(-1, -2)
+        if bias is not None:  # [B, M, T] on the image keys
+            l_img = l_img + bias[:, :, None, None, :].to(l_img.dtype)
+        probs = torch.softmax(torch.cat([l_img, q @ k_own.transpose(-1, -2)], dim=-1), dim=-1)
+        return probs, v_img, v_own
+
+    def _box_bias(self, boxes: torch.Tensor, n_tokens: int) -> torch.Tensor | None:
+        if not self.config.box_mask:
+            return None
+        g = self.config.grid
+        return box_attention_bias(boxes, g, n_tokens - g * g)
+
+    def box_attention(self, image_tokens: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Where box prompts look: attention weights [B, M, H, 2, T + 2] of the two corner
+        tokens over the image tokens and themselves (scripts/probe_prompter_attention.py)."""
+        prompt = self.box_embed(boxes.to(self.box_embed.dense.weight.dtype))
+        return self._attention(image_tokens, prompt, self._box_bias(boxes, image_tokens.shape[1]))[0]
+
     def _prompted(
         self, image_tokens: torch.Tensor, prompt: torch.Tensor, bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,24 +273,8 @@ class ClocPrompter(nn.Module):
         """
         b, m, p, d = prompt.shape
         layer, attn = self.layer, self.layer.self_attn
-        h = attn.heads
-        dh = d // h
-        # compute in the prompter's own dtype (a bf16 tower may feed an fp32 prompter)
-        tokens = image_tokens.to(prompt.dtype)
-        t = tokens.shape[1]
-
-        def heads(x: torch.Tensor) -> torch.Tensor:  # [..., L, D] -> [..., H, L, Dh]
-            return x.reshape(*x.shape[:-1], h, dh).transpose(-2, -3)
-
-        hi, hp = layer.layer_norm1(tokens), layer.layer_norm1(prompt)
-        q = heads(attn.q_proj(hp)) * dh**-0.5  # [B, M, H, P, Dh]
-        k_own, v_own = heads(attn.k_proj(hp)), heads(attn.v_proj(hp))  # [B, M, H, P, Dh]
-        k_img, v_img = heads(attn.k_proj(hi))[:, None], heads(attn.v_proj(hi))[:, None]  # [B, 1, H, T, Dh]
-        l_img = q @ k_img.transpose(-1, -2)
-        if bias is not None:  # [B, M, T] on the image keys
-            l_img = l_img + bias[:, :, None, None, :].to(l_img.dtype)
-        logits = torch.cat([l_img, q @ k_own.transpose(-1, -2)], dim=-1)
-        probs = torch.softmax(logits, dim=-1)
+        probs, v_img, v_own = self._attention(image_tokens, prompt, bias)
+        t = v_img.shape[-2]
         out = probs[..., :t] @ v_img + probs[..., t:] @ v_own  # [B, M, H, P, Dh]
         x = prompt + attn.out_proj(out.transpose(-2, -3).reshape(b, m, p, d))
         x = x + layer.mlp(layer.layer_norm2(x))
@@ -265,11 +286,7 @@ class ClocPrompter(nn.Module):
         if boxes.shape[-1] != 4 or boxes.dim() != 3:
             raise ValueError(f"boxes must be [B, M, 4], got {tuple(boxes.shape)}")
         prompt = self.box_embed(boxes.to(self.box_embed.dense.weight.dtype))
-        bias = None
-        if self.config.box_mask:
-            g = self.config.grid
-            bias = box_attention_bias(boxes, g, image_tokens.shape[1] - g * g)
-        return self._prompted(image_tokens, prompt, bias)
+        return self._prompted(image_tokens, prompt, self._box_bias(boxes, image_tokens.shape[1]))
 
     def text_prompt(
         self, image_tokens: torch.Tensor, text_emb: torch.Tensor

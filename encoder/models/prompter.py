@@ -22,9 +22,10 @@ Choices where the paper (arXiv 2410.02746, Sec. 3) is silent, ours:
   position embeddings before any region signal reaches the right tokens, and on the demo's
   tiny model it hardly did: after 1500 steps 17% of its attention on image patches fell on
   the patches inside the box, where uniform attention gives 8%, so a region embedding
-  carried the box's size and the image's colours, not the object (region R@1 0.19). With the mask the region
-  feature is local from step 0, like RoI-Align's for the CLIP baseline: region R@1 0.68 at
-  the same budget (docs/pretraining.md). Text prompts are never masked (they have no box).
+  carried the box's size and the image's colours, not the object (region R@1 0.19). With
+  the mask the region feature is local from step 0, like RoI-Align's for the CLIP
+  baseline: region R@1 0.68 at the same budget (docs/pretraining.md). Text prompts are
+  never masked (they have no box).
 """
 
 from __future__ import annotations
