@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, int]] = {
     "eval": ("eval", "evaluate an encoder (eval encoder) or an MLLM (eval mllm)", 3),
     "export": ("export", "export a JAX checkpoint to a Hugging Face CLIP folder", 4),
     "import-clip": ("import_clip", "import a local Hugging Face CLIP folder into JAX", 4),
+    "proposer": ("proposer", "train the box proposer of proposal grounding on a tower", 6),
     "finetune": ("finetune", "fine-tune the LLaVA-style MLLM", 5),
     "chat": ("chat", "chat with an MLLM about an image on the terminal", 5),
     "serve": ("serve", "serve a web chat page on 127.0.0.1", 6),

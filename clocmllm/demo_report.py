@@ -46,6 +46,10 @@ def build_report(results: dict, plan, wall_seconds: float) -> dict:
     recipes = list(plan.recipes)
     encoders = {r: {k: _metric(results, f"eval_encoder_{r}", k) for k in ENCODER_KEYS} for r in recipes}
     mllm = {r: {k: _metric(results, f"eval_mllm_{r}", k) for k in MLLM_KEYS} for r in recipes}
+    for r in recipes:  # proposal grounding: how many eval objects the K proposals cover (IoU >= 0.5)
+        res = results.get(f"finetune_{r}")
+        proposer = res.outputs.get("proposer") if res is not None and res.status == "done" else None
+        mllm[r]["proposal_recall50"] = (proposer or {}).get("eval", {}).get("recall50")
     export = {}
     for r in recipes:
         res = results.get(f"export_{r}")
@@ -113,8 +117,8 @@ def table_markdown(report: dict) -> str:
         + " | ".join(_fmt_diff(report["export"][r]["max_abs_diff"]) for r in recipes)
         + " |"
     )
-    for k in MLLM_KEYS:
-        rows.append(f"| mllm {k} | " + " | ".join(_fmt(report["mllm"][r][k]) for r in recipes) + " |")
+    for k in (*MLLM_KEYS, "proposal_recall50"):
+        rows.append(f"| mllm {k} | " + " | ".join(_fmt(report["mllm"][r].get(k)) for r in recipes) + " |")
     return "\n".join(rows)
 
 

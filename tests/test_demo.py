@@ -30,6 +30,7 @@ TINY = {
     "finetune_batch": 4,
     "eval_mllm_limit": 8,
     "num_examples": 2,
+    "proposer_steps": 20,
 }
 STAGES = [
     "world",
@@ -65,8 +66,9 @@ def test_every_stage_done_and_every_key_measured(demo_run):
     for r in ("clip", "cloc"):
         for k in ENCODER_KEYS:
             assert _is_number(report["encoders"][r][k]) and 0.0 <= report["encoders"][r][k] <= 1.0, (r, k)
-        for k in MLLM_KEYS:
+        for k in (*MLLM_KEYS, "proposal_recall50"):  # the demo grounds through proposals
             assert _is_number(report["mllm"][r][k]) and 0.0 <= report["mllm"][r][k] <= 1.0, (r, k)
+        assert (workdir / f"mllm_{r}" / "proposer" / "proposer.safetensors").is_file()
         # the export's parity check passed (it refuses to write otherwise) and was recorded
         assert _is_number(report["export"][r]["max_abs_diff"]) and report["export"][r]["max_abs_diff"] < 1e-3
     timings = report["timings_s"]
@@ -181,3 +183,13 @@ def test_digit_tokenizer_round_trips_boxes(tmp_path):
     numeric = [t.removeprefix("##") for t in tok.get_vocab() if t.removeprefix("##").isdigit()]
     assert sorted(numeric) == sorted(2 * list("0123456789"))
     assert parse_boxes(tok.decode(ids)) == [[12, 305, 999, 640]]
+
+
+def test_printed_chat_question_is_about_the_image(demo_run):
+    from clocmllm.commands.demo import example_question
+
+    workdir, *_ = demo_run
+    image, question = example_question(str(workdir))
+    first = json.loads((workdir / "world" / "eval" / "regions.jsonl").read_text().splitlines()[0])
+    assert Path(image).is_file() and Path(image).name == Path(first["image"]).name
+    assert question.startswith("Locate ") and question[len("Locate ") : -1] in first["regions"][0]["refs"]

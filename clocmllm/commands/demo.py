@@ -15,6 +15,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def example_question(workdir: str) -> tuple[str, str]:
+    """The first eval image and a grounding question about an object that is in it."""
+    import json
+    from pathlib import Path
+
+    eval_dir = Path(workdir) / "world" / "eval"
+    try:
+        first = json.loads((eval_dir / "regions.jsonl").read_text().splitlines()[0])
+        region = first["regions"][0]
+        ref = (region.get("refs") or [f"the {region['text']}"])[-1]
+        return str(eval_dir / first["image"]), f"Locate {ref}."
+    except (OSError, ValueError, KeyError, IndexError):
+        return str(eval_dir / "images" / "000000.png"), "Locate the ring."
+
+
 def run(args: argparse.Namespace) -> int:
     from clocmllm.demo import run_demo
     from clocmllm.demo_report import table_markdown, targets_markdown
@@ -34,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nReport: {args.workdir}/report.md and report.json")
     cloc_model = f"{args.workdir}/mllm_cloc/stage2/model"
     if report["stages"].get("finetune_cloc", {}).get("status") == "done":
-        image = f"{args.workdir}/world/eval/images/000000.png"
+        image, question = example_question(args.workdir)
         print(
-            f"Chat with the result:\n  clocmllm chat --model {cloc_model} --image {image} --prompt 'Locate the ring.'"
+            f"Chat with the result:\n  clocmllm chat --model {cloc_model} --image {image} --prompt '{question}'"
         )
         print(f"  clocmllm serve --model {cloc_model}")
     if failed:

@@ -24,8 +24,13 @@ DEFAULTS: dict = {
         "llm": {},
         "tokenizer": {"path": None},  # None: build a word-level tokenizer from the training text
         "init_from": None,  # a saved MLLM folder (e.g. the stage-1 output) to start from
+        "proposer": None,  # a `clocmllm proposer` folder: proposal grounding (mllm/proposer.py)
+        "candidate_position": "after_image",  # after_image | after_prompt: where the candidates go
+        "candidate_pointer": True,  # pointer logits for the candidate names (mllm/pointer.py)
     },
-    "data": {"train": None, "max_length": 512},
+    # dual_grounding: a template like "Locate the {phrase}." turns every referring turn around
+    # into an extra grounding sample (dataset.dual_grounding_record); None: off.
+    "data": {"train": None, "max_length": 512, "dual_grounding": None},
     "train": {
         "stage": 2,  # 1: connector only; 2: connector + LLM (full or LoRA), tower per tower.trainable
         "lora": None,  # {r, alpha, dropout, target_modules}

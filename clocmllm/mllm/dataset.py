@@ -10,6 +10,11 @@ preprocessing this model uses, whatever geometry the data writer assumed. A `<re
 token takes the box written just before it in the same message; its feature is computed from
 the exact pixel box (`Geometry.to_unit`), not from the rounded grid.
 
+Proposal grounding (`proposer` given, see `proposer.py`): every image's K proposals are
+computed once, up front; the first user message lists the candidates `<r0> ... <rK-1>` right
+after `<image>`, and each box an answer writes becomes the name of its candidate (a missed
+object replaces the least confident proposal in training, counted as `candidates_injected`).
+
 Length: `<image>` expands to the tower's token count. A sample longer than `max_length` is cut
 at the end; one whose image or region tokens would be cut, or that keeps no answer token, is
 dropped. Both are counted (`stats`) and logged, never silent.
@@ -46,6 +51,8 @@ class Sample:
     width: int
     height: int
     record: dict = field(repr=False, default_factory=dict)
+    candidate_boxes: list[list[float]] = field(default_factory=list)  # K unit boxes, or none
+    candidate_scores: list[float] = field(default_factory=list)  # the proposer's confidence in each
 
 
 def read_conversations(path: str | Path, problems: ProblemLog | None = None) -> list[dict]:
@@ -66,6 +73,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         max_length: int = 2048,
         problems: ProblemLog | None = None,
         image_position: str = "first",
+        proposer=None,
+        candidate_position: str = "after_image",
+        dual_grounding: str | None = None,
     ):
         self.path = Path(path)
         self.tokenizer = tokenizer
@@ -75,12 +85,24 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.problems = problems or ProblemLog()
         self.stats = {"read": 0, "kept": 0, "truncated": 0, "dropped_too_long": 0, "dropped_bad": 0}
         self.samples: list[Sample] = []
-        for i, rec in enumerate(read_conversations(self.path, self.problems)):
+        records = read_conversations(self.path, self.problems)
+        if dual_grounding:
+            duals = [d for rec in records if (d := dual_grounding_record(rec, dual_grounding)) is not None]
+            self.stats["dual_grounding"] = len(duals)
+            records = records + duals
+        proposals = propose_all(records, self.path.parent, tower, proposer) if proposer is not None else {}
+        if proposer is not None:
+            self.stats["candidates_injected"] = 0
+        for i, rec in enumerate(records):
             self.stats["read"] += 1
             try:
+                cands = proposals.get(rec.get("image")) if proposer is not None else None
+                if proposer is not None and rec.get("image") and cands is None:
+                    raise ValueError(f"image: {rec['image']} could not be read for proposals")
                 sample = encode_record(
-                    rec, self.path.parent, tokenizer, tower, self.template, max_length, image_position
-                )
+                    rec, self.path.parent, tokenizer, tower, self.template, max_length, image_position,
+                    candidates=cands, candidate_position=candidate_position,
+                )  # fmt: skip
             except ValueError as err:
                 self.problems.add(str(self.path), None, f"[{i}]", str(err))
                 self.stats["dropped_bad"] += 1
@@ -90,10 +112,14 @@ class ConversationDataset(torch.utils.data.Dataset):
                 continue
             if len(sample.input_ids) < sample.record.get("_full_length", 0):
                 self.stats["truncated"] += 1
+            if proposer is not None:
+                self.stats["candidates_injected"] += sample.record.get("_injected", 0)
             self.samples.append(sample)
         self.stats["kept"] = len(self.samples)
         if self.stats["truncated"] or self.stats["dropped_too_long"] or self.problems.problems:
             log.warning("%s: %s; %s", self.path, self.stats, self.problems.summary())
+        elif proposer is not None:
+            log.info("%s: %s (answers no proposal covered, given as candidates)", self.path, self.stats)
         if not self.samples:
             raise ValueError(f"{self.path}: no usable samples ({self.stats}; {self.problems.summary()})")
 
@@ -106,6 +132,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             "input_ids": torch.tensor(s.input_ids, dtype=torch.long),
             "labels": torch.tensor(s.labels, dtype=torch.long),
             "region_boxes": torch.tensor(s.region_boxes, dtype=torch.float32).reshape(-1, 4),
+            "candidate_boxes": torch.tensor(s.candidate_boxes, dtype=torch.float32).reshape(-1, 4),
+            "candidate_scores": torch.tensor(s.candidate_scores, dtype=torch.float32).reshape(-1),
         }
         if s.image is not None:
             with Image.open(s.image) as im:
@@ -159,8 +187,122 @@ def prepare_turns(rec: dict, geom) -> tuple[list[templates.Turn], list[list[floa
     return turns, regions
 
 
+_LEADING = re.compile(r"^(?:(?:it|this|that) is |there is )?(?:the |a |an )?", re.IGNORECASE)
+
+
+def dual_grounding_record(rec: dict, template: str) -> dict | None:
+    """A referring record turned around (Shikra's REG -> REC duality): each "[box] <region>"
+    question with a plain-text answer becomes `template.format(phrase=answer)` answered by the
+    box. The phrase is the answer lower-cased, without end punctuation or a leading article.
+    None when the record has no such turn (or no pixel boxes to answer with).
+    """
+    boxes, conv = rec.get("boxes"), rec["conversations"]
+    if not boxes or rec.get("task") == "grounding":
+        return None
+    turns, k = [], 0
+    for q, a in zip(conv[0::2], conv[1::2], strict=False):
+        n_q, n_a = len(_BOX_RE.findall(q["value"])), len(_BOX_RE.findall(a["value"]))
+        if n_q == 1 and n_a == 0 and REGION_TOKEN in q["value"] and k < len(boxes):
+            phrase = _LEADING.sub("", a["value"].strip().rstrip(".!?").strip()).lower()
+            if phrase:
+                turns.append((template.format(phrase=phrase), boxes[k]))
+        k += n_q + n_a
+    if not turns:
+        return None
+    conversations = []
+    for i, (question, _) in enumerate(turns):
+        conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
+        conversations.append({"from": "gpt", "value": "[0, 0, 0, 0]"})  # re-written from `boxes`
+    out = {k: v for k, v in rec.items() if k not in ("conversations", "boxes", "task", "id")}
+    return {**out, "id": f"{rec.get('id')}-dual", "task": "grounding", "conversations": conversations,
+            "boxes": [b for _, b in turns]}  # fmt: skip
+
+
+def propose_all(records: list[dict], root: Path, tower, proposer, batch: int = 128) -> dict:
+    """image (as the record names it) -> (K unit boxes, scores) of the frozen proposer.
+
+    Unreadable images are left out (the caller reports the record); progress is shown.
+    """
+    from tqdm.auto import tqdm
+
+    from clocmllm.mllm.proposer import last_patches
+
+    names = sorted({r["image"] for r in records if r.get("image")})
+    out: dict = {}
+    for i in tqdm(range(0, len(names), batch), desc="proposals", disable=len(names) <= batch):
+        pix, ok = [], []
+        for name in names[i : i + batch]:
+            try:
+                with Image.open(root / name) as im:
+                    pix.append(tower.preprocess(im)[0])
+                ok.append(name)
+            except (OSError, ValueError):
+                continue
+        if ok:
+            boxes, scores = proposer.propose(last_patches(tower, torch.stack(pix)))
+            out.update({n: (b, s) for n, b, s in zip(ok, boxes, scores, strict=True)})
+    return out
+
+
+CANDIDATE_POSITIONS = ("after_image", "after_prompt")
+
+
+def insert_candidates(text: str, k: int, position: str = "after_image") -> str:
+    """The first user message with the candidate list right after `<image>` (or first), or
+    at its end (`after_prompt`: the candidates then see the question, see proposer.py)."""
+    from clocmllm.mllm.proposer import candidate_tokens
+
+    block = " ".join(candidate_tokens(k))
+    if position not in CANDIDATE_POSITIONS:
+        raise ValueError(f"model.candidate_position must be one of {CANDIDATE_POSITIONS}, got {position!r}")
+    if position == "after_prompt":
+        return f"{text.rstrip()}\n{block}"
+    if IMAGE_TOKEN in text:
+        head, tail = text.split(IMAGE_TOKEN, 1)
+        return f"{head}{IMAGE_TOKEN}\n{block}\n" + tail.removeprefix("\n")
+    return f"{block}\n{text}"
+
+
+def name_answer_boxes(
+    turns: list[templates.Turn], boxes, scores, grid: int, inject: bool, position: str = "after_image"
+) -> tuple[list[templates.Turn], list[list[float]], list[float], int]:
+    """Assistant boxes -> candidate names; the first user turn gets the candidate list.
+
+    Returns (turns, K candidate unit boxes in reading order, their confidences, answers injected).
+    """
+    from clocmllm.mllm.proposer import candidate_tokens, name_candidates
+
+    answers = [
+        grid_to_unit([int(v) for v in m.groups()])
+        for role, text in turns
+        if role == "assistant"
+        for m in _BOX_RE.finditer(text)
+    ]
+    cands, conf, names, injected = name_candidates(answers, boxes, scores, grid, inject)
+    tokens = candidate_tokens(len(cands))
+    it = iter(names)
+    out: list[templates.Turn] = []
+    first_user = True
+    for role, text in turns:
+        if role == "assistant":
+            text = _BOX_RE.sub(lambda _m: tokens[next(it)], text)
+        elif first_user:
+            text, first_user = insert_candidates(text, len(cands), position), False
+        out.append((role, text))
+    return out, cands.tolist(), conf.tolist(), injected
+
+
 def encode_record(
-    rec: dict, root: Path, tokenizer, tower, template: str, max_length: int, image_position: str = "first"
+    rec: dict,
+    root: Path,
+    tokenizer,
+    tower,
+    template: str,
+    max_length: int,
+    image_position: str = "first",
+    candidates: tuple | None = None,
+    inject: bool = True,
+    candidate_position: str = "after_image",
 ) -> Sample | None:
     image = None
     width, height = int(rec.get("width") or 0), int(rec.get("height") or 0)
@@ -176,6 +318,13 @@ def encode_record(
         if not any(IMAGE_TOKEN in t for _, t in turns) or image_position != "first":
             role, text = turns[0]
             turns[0] = (role, templates.place_image(text, image_position, IMAGE_TOKEN))
+    cand_boxes: list[list[float]] = []
+    cand_scores: list[float] = []
+    injected = 0
+    if candidates is not None:
+        turns, cand_boxes, cand_scores, injected = name_answer_boxes(
+            turns, *candidates, tower.grid, inject, candidate_position
+        )
     ids, labels = tokenize_segments(
         templates.segments(template, turns, tokenizer), tokenizer, tower.num_tokens
     )
@@ -183,7 +332,8 @@ def encode_record(
     ids, labels = truncate(ids, labels, tokenizer, max_length)
     if ids is None:
         return None
-    return Sample(ids, labels, image, regions, width, height, {"_full_length": full, "id": rec.get("id")})
+    meta = {"_full_length": full, "id": rec.get("id"), "_injected": injected}
+    return Sample(ids, labels, image, regions, width, height, meta, cand_boxes, cand_scores)
 
 
 def tokenize_segments(
@@ -228,6 +378,7 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     m = max(b["region_boxes"].shape[0] for b in batch)
     boxes = torch.zeros((len(batch), m, 4))
     box_mask = torch.zeros((len(batch), m), dtype=torch.bool)
+    k = max(b["candidate_boxes"].shape[0] for b in batch) if "candidate_boxes" in batch[0] else 0
     for i, b in enumerate(batch):
         L = len(b["input_ids"])
         ids[i, :L], labels[i, :L], mask[i, :L] = b["input_ids"], b["labels"], 1
@@ -240,6 +391,13 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         "region_boxes": boxes,
         "region_mask": box_mask,
     }
+    if k:  # samples without candidates (text only) get zero boxes their tokens never read
+        cands = torch.zeros((len(batch), k, 4))
+        conf = torch.full((len(batch), k), 0.5)
+        for i, b in enumerate(batch):
+            cands[i, : b["candidate_boxes"].shape[0]] = b["candidate_boxes"]
+            conf[i, : b["candidate_scores"].shape[0]] = b["candidate_scores"]
+        out["candidate_boxes"], out["candidate_scores"] = cands, conf
     if all("pixel_values" in b for b in batch):
         out["pixel_values"] = torch.stack([b["pixel_values"] for b in batch])
     return out

@@ -4,6 +4,10 @@ Library for `clocmllm chat`, the evaluator, the demo and the web server. A user 
 in original-image pixels; it is written into the prompt on this model's 0–999 grid, followed
 by `<region>` (whose feature comes from the exact pixel box). Boxes in the answer are parsed
 with `clocmllm.boxes.parse_boxes` and mapped back to pixels through the same geometry.
+
+A model with a proposer (proposal grounding, `proposer.py`) sees the image's K candidates
+`<r0> ... <rK-1>` after `<image>`, as in training, and names one to ground; the answer text
+shows each name as its box `[x1, y1, x2, y2]` (the raw names stay in the chat history).
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from clocmllm.boxes import format_box, parse_boxes
+from clocmllm.boxes import format_box, parse_boxes, unit_to_grid
 from clocmllm.mllm import templates
-from clocmllm.mllm.dataset import tokenize_segments
+from clocmllm.mllm.dataset import insert_candidates, tokenize_segments
 from clocmllm.mllm.tokenizer import IMAGE_TOKEN, REGION_TOKEN
 
 DEFAULT_REFERRING = "What is the object at {box}?"
@@ -34,8 +38,8 @@ class Answer:
 class _CallbackStreamer:
     """Minimal `BaseStreamer`: skips the prompt, emits decoded text deltas to a callback."""
 
-    def __init__(self, tokenizer, callback: Callable[[str], None]):
-        self.tokenizer, self.callback = tokenizer, callback
+    def __init__(self, decode: Callable[[list[int]], str], callback: Callable[[str], None]):
+        self.decode, self.callback = decode, callback
         self.ids: list[int] = []
         self.sent = ""
         self.prompt_seen = False
@@ -45,7 +49,7 @@ class _CallbackStreamer:
             self.prompt_seen = True
             return
         self.ids += value.reshape(-1).tolist()
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.decode(self.ids)
         if text.startswith(self.sent) and len(text) > len(self.sent):
             self.callback(text[len(self.sent) :])
             self.sent = text
@@ -93,9 +97,41 @@ class ChatSession:
     use_cache: bool = True
     turns: list[templates.Turn] = field(default_factory=list)
     region_boxes: list[list[float]] = field(default_factory=list)
+    candidates: list[list[float]] = field(default_factory=list)  # proposal grounding's K unit boxes
+    candidate_scores: list[float] = field(default_factory=list)  # and the proposer's confidences
 
     def __post_init__(self) -> None:
         self.pixel_values, self.geometry = self.model.tower.preprocess(self.image)
+        proposer = getattr(self.model, "proposer", None)
+        if proposer is not None and not self.candidates:
+            from clocmllm.mllm.proposer import last_patches
+
+            device = next(self.model.parameters()).device
+            boxes, scores = proposer.propose(
+                last_patches(self.model.tower, self.pixel_values[None].to(device))
+            )
+            self.candidates, self.candidate_scores = boxes[0].tolist(), scores[0].tolist()
+
+    def render(self, ids: list[int], names: bool = False) -> str:
+        """Decoded answer; candidate names become their boxes (or stay `<rk>` with `names`)."""
+        cand_ids = list(getattr(self.model.config, "candidate_token_ids", []) or [])
+        pieces, chunk = [], []
+        for t in ids:
+            if t in cand_ids:
+                pieces += [
+                    self.tokenizer.decode(chunk, skip_special_tokens=True),
+                    self._name(cand_ids.index(t), names),
+                ]
+                chunk = []
+            else:
+                chunk.append(t)
+        pieces.append(self.tokenizer.decode(chunk, skip_special_tokens=True))
+        return " ".join(p.strip() for p in pieces if p.strip())
+
+    def _name(self, k: int, raw: bool) -> str:
+        if raw or k >= len(self.candidates):
+            return f"<r{k}>"
+        return format_box(unit_to_grid(self.candidates[k]))
 
     def ask(
         self, prompt: str | None, box: list[float] | None = None, stream: Callable[[str], None] | None = None
@@ -105,26 +141,37 @@ class ChatSession:
         if box is not None:
             self.region_boxes.append(self.geometry.to_unit(box))
         position = getattr(self.model.config, "image_position", "first")
-        self.turns.append(("user", user_text(prompt, grid, first=not self.turns, image_position=position)))
+        text = user_text(prompt, grid, first=not self.turns, image_position=position)
+        if self.candidates and not self.turns:
+            where = getattr(self.model.config, "candidate_position", "after_image")
+            text = insert_candidates(text, len(self.candidates), where)
+        self.turns.append(("user", text))
         tok, model = self.tokenizer, self.model
         segs = templates.segments(model.config.template, self.turns, tok, generation_prompt=True)
         ids, _ = tokenize_segments(segs, tok, model.tower.num_tokens)
         device = next(model.parameters()).device
         input_ids = torch.tensor([ids], device=device)
         boxes = torch.tensor([self.region_boxes], dtype=torch.float32, device=device).reshape(1, -1, 4)
-        streamer = _CallbackStreamer(tok, stream) if stream else None
+        streamer = _CallbackStreamer(self.render, stream) if stream else None
+        cands = conf = None
+        if self.candidates:
+            cands = torch.tensor([self.candidates], dtype=torch.float32, device=device)
+            conf = torch.tensor([self.candidate_scores or [0.5] * len(self.candidates)], device=device)
         new = model.generate(
             input_ids,
             pixel_values=self.pixel_values[None].to(device),
             region_boxes=boxes,
+            candidate_boxes=cands,
+            candidate_scores=conf,
             max_new_tokens=self.max_new_tokens,
             use_cache=self.use_cache,
             streamer=streamer,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         )[0]
-        text = tok.decode(new, skip_special_tokens=True).strip()
-        self.turns.append(("assistant", text))
+        new_ids = new.tolist()
+        text = self.render(new_ids)
+        self.turns.append(("assistant", self.render(new_ids, names=True)))
         grid_boxes = parse_boxes(text)
         pixels = [self.geometry.from_grid(b) for b in grid_boxes]
         return Answer(text, grid_boxes, pixels, int(new.numel()))

@@ -12,6 +12,12 @@ region and patch statistics may differ), or `none` (`<region>` stays an ordinary
 
 `connector_pos` (default `none`): an explicit (row, col) embedding added to the projected
 image tokens, see `patch_position.py`; region tokens get none (the prompter encodes the box).
+
+Proposal grounding (`proposer`, off by default; `proposer.py`): the prompt lists K candidate
+tokens `<r0> ... <rK-1>` after the image; the first occurrence of each in a sample gets the
+region feature of its proposal box (through the region connector) added to its own
+embedding, so one token carries both the candidate's name and what it shows. Later
+occurrences (the answer naming a candidate) are plain tokens, in training as in generation.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from torch import nn
 
 from clocmllm.mllm.connector import build_connector
 from clocmllm.mllm.patch_position import PatchPosition, check_mode
+from clocmllm.mllm.pointer import CandidatePointer, add_pointer_logits, first_positions
+from clocmllm.mllm.proposer import BoxProposer, ProposerConfig
 from clocmllm.mllm.templates import IMAGE_POSITIONS
 from clocmllm.mllm.tower import TowerConfig, VisionTower
 
@@ -40,6 +48,10 @@ class MllmConfig:
     llm: dict = field(default_factory=dict)  # {"path": DIR} or {"config": {model_type: ..., ...}}
     connector_pos: str = "none"  # none | sincos2d | learned (patch_position.py)
     image_position: str = "first"  # first | after_prompt (templates.place_image)
+    proposer: dict | None = None  # ProposerConfig as a dict: proposal grounding on (proposer.py)
+    candidate_token_ids: list[int] = field(default_factory=list)  # <r0>..<rK-1>, set by build_model
+    candidate_position: str = "after_image"  # after_image | after_prompt (dataset.insert_candidates)
+    candidate_pointer: bool = True  # with a proposer: pointer logits for the names (pointer.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.tower, dict):
@@ -47,6 +59,10 @@ class MllmConfig:
         if self.regions not in REGION_MODES:
             raise ValueError(f"model.regions must be one of {REGION_MODES}, got {self.regions!r}")
         check_mode(self.connector_pos)
+        if self.candidate_position not in ("after_image", "after_prompt"):
+            raise ValueError(
+                f"model.candidate_position must be after_image or after_prompt, got {self.candidate_position!r}"
+            )
         if self.image_position not in IMAGE_POSITIONS:
             raise ValueError(
                 f"model.image_position must be one of {IMAGE_POSITIONS}, got {self.image_position!r}"
@@ -108,6 +124,24 @@ class ClocLlava(nn.Module):
             if config.connector_pos != "none"
             else None
         )
+        self.proposer = None
+        if config.proposer:
+            if not self.uses_regions:
+                raise ValueError("model.proposer needs region features: model.regions must not be 'none'")
+            self.proposer = BoxProposer(ProposerConfig(**config.proposer)).requires_grad_(False)
+            pc = self.proposer.config
+            if (pc.grid, pc.dim) != (tower.grid, tower.hidden_size):
+                raise ValueError(
+                    f"model.proposer: trained for a {pc.grid}x{pc.grid} grid of width {pc.dim}, but the tower "
+                    f"has {tower.grid}x{tower.grid} of width {tower.hidden_size} (train it on this tower)"
+                )
+            if len(config.candidate_token_ids) != pc.k:
+                raise ValueError(
+                    f"model.proposer: k={pc.k} but {len(config.candidate_token_ids)} candidate tokens"
+                )
+        self.pointer = (
+            CandidatePointer(width) if self.proposer is not None and config.candidate_pointer else None
+        )
 
     @property
     def uses_regions(self) -> bool:
@@ -122,8 +156,13 @@ class ClocLlava(nn.Module):
         pixel_values: torch.Tensor | None = None,
         region_boxes: torch.Tensor | None = None,
         region_mask: torch.Tensor | None = None,
+        candidate_boxes: torch.Tensor | None = None,
+        extras: dict | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with image features (and region features) written in."""
+        """Token embeddings with image features (and region features) written in.
+
+        `extras`, when given, receives the candidates' tower-side region features
+        (`"candidates"`, [B, K, Dv]) when the prompt's candidates were embedded."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds
@@ -139,6 +178,11 @@ class ClocLlava(nn.Module):
                 "(each sample needs exactly one expanded <image>)"
             )
         embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), image)
+        if self.proposer is not None and candidate_boxes is not None:
+            feats = self.tower.region_features(selected, last, candidate_boxes)  # [B, K, Dv]
+            if extras is not None:
+                extras["candidates"] = feats
+            embeds = embeds + self._candidate_features(input_ids, feats).to(embeds.dtype)
         if self.uses_regions:
             if (
                 region_boxes is None
@@ -160,6 +204,12 @@ class ClocLlava(nn.Module):
             embeds = embeds.masked_scatter(rmask[..., None].expand_as(embeds), regions)
         return embeds
 
+    def _candidate_features(self, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """[B, T, W]: candidate k's connected region feature at the first `<rk>` of a sample, else 0."""
+        first, _ = first_positions(input_ids, self.config.candidate_token_ids)  # [B, T, K]
+        feats = self.region_connector()(feats)  # [B, K, W]
+        return torch.einsum("btk,bkw->btw", first.to(feats.dtype), feats)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -168,10 +218,90 @@ class ClocLlava(nn.Module):
         region_boxes: torch.Tensor | None = None,
         region_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        candidate_boxes: torch.Tensor | None = None,
+        candidate_scores: torch.Tensor | None = None,
         **kwargs,
     ):
-        embeds = self.embed(input_ids, pixel_values, region_boxes, region_mask)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        extras: dict = {}
+        embeds = self.embed(input_ids, pixel_values, region_boxes, region_mask, candidate_boxes, extras)
+        if self.pointer is None or "candidates" not in extras:
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        out, hidden = self._llm_with_hidden(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        first, cand_pos = first_positions(input_ids, self.config.candidate_token_ids)
+        cand = torch.einsum("btk,btw->bkw", first.to(hidden.dtype), hidden)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        out.logits = add_pointer_logits(
+            out.logits, self.pointer(hidden, cand, candidate_scores), self.config.candidate_token_ids,
+            positions, cand_pos,
+        )  # fmt: skip
+        if labels is not None:
+            out.loss = nn.functional.cross_entropy(
+                out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return out
+
+    def _llm_with_hidden(self, **kwargs):
+        """The LLM's output and the hidden states its LM head reads (any causal LM: a hook)."""
+        seen: list[torch.Tensor] = []
+        hook = self.llm.get_output_embeddings().register_forward_pre_hook(
+            lambda _m, args: seen.append(args[0])
+        )
+        try:
+            out = self.llm(**kwargs)
+        finally:
+            hook.remove()
+        return out, seen[-1]
+
+    @torch.no_grad()
+    def _generate_pointer(
+        self, input_ids, embeds, scores, attention_mask, max_new_tokens, use_cache, streamer, eos_token_id
+    ) -> torch.Tensor:
+        """Greedy decoding with pointer logits (HF `generate` cannot add them): KV cache or not."""
+        if not bool(attention_mask.all()):
+            raise ValueError("generate with a candidate pointer: padded prompts are not supported")
+        ids = self.config.candidate_token_ids
+        first, cand_pos = first_positions(input_ids, ids)
+        out, hidden = self._llm_with_hidden(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=use_cache
+        )
+        cand = torch.einsum("btk,btw->bkw", first.to(hidden.dtype), hidden)
+        embed_tokens = self.llm.get_input_embeddings()
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        new: list[torch.Tensor] = []
+        done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            t = embeds.shape[1] - 1
+            logits = add_pointer_logits(
+                out.logits[:, -1:], self.pointer(hidden[:, -1:], cand, scores), ids,
+                torch.tensor([t], device=input_ids.device), cand_pos,
+            )  # fmt: skip
+            nxt = logits[:, -1].argmax(-1)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            new.append(nxt)
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            if eos_token_id is not None:
+                done |= nxt == eos_token_id
+                if bool(done.all()):
+                    break
+            step = embed_tokens(nxt)[:, None]
+            embeds = torch.cat([embeds, step], 1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(nxt), 1)], 1)
+            if use_cache:
+                out, h = self._llm_with_hidden(
+                    inputs_embeds=step, attention_mask=attention_mask,
+                    past_key_values=out.past_key_values, use_cache=True,
+                )  # fmt: skip
+            else:
+                out, h = self._llm_with_hidden(
+                    inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+                )
+            hidden = h[:, -1:]
+        if streamer is not None:
+            streamer.end()
+        return torch.stack(new, 1) if new else input_ids.new_zeros(len(input_ids), 0)
 
     @torch.no_grad()
     def generate(
@@ -181,6 +311,8 @@ class ClocLlava(nn.Module):
         region_boxes: torch.Tensor | None = None,
         region_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        candidate_boxes: torch.Tensor | None = None,
+        candidate_scores: torch.Tensor | None = None,
         max_new_tokens: int = 64,
         use_cache: bool = True,
         streamer=None,
@@ -188,9 +320,15 @@ class ClocLlava(nn.Module):
         pad_token_id: int | None = None,
     ) -> torch.Tensor:
         """Greedy decoding; returns only the new tokens [B, T_new]."""
-        embeds = self.embed(input_ids, pixel_values, region_boxes, region_mask)
+        extras: dict = {}
+        embeds = self.embed(input_ids, pixel_values, region_boxes, region_mask, candidate_boxes, extras)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+        if self.pointer is not None and "candidates" in extras:
+            return self._generate_pointer(
+                input_ids, embeds, candidate_scores, attention_mask, max_new_tokens, use_cache, streamer,
+                eos_token_id,
+            )  # fmt: skip
         return self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -210,13 +348,27 @@ class ClocLlava(nn.Module):
 
 
 def build_model(config: MllmConfig, tokenizer) -> ClocLlava:
-    """A fresh model from configs: tower from its folder, LLM from a folder or a config."""
-    from clocmllm.mllm.tokenizer import IMAGE_TOKEN, REGION_TOKEN
+    """A fresh model from configs: tower from its folder, LLM from a folder or a config.
+
+    With `config.proposer`, the candidate tokens join the tokenizer (before the LLM is sized);
+    the proposer's weights are the caller's to load (`load_proposer`).
+    """
+    from clocmllm.mllm.tokenizer import IMAGE_TOKEN, REGION_TOKEN, ensure_candidate_tokens
 
     config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config.region_token_id = tokenizer.convert_tokens_to_ids(REGION_TOKEN)
+    if config.proposer:
+        config.candidate_token_ids = ensure_candidate_tokens(tokenizer, int(config.proposer["k"]))
     tower = VisionTower(config.tower)
     llm = build_llm(config.llm, vocab_size=len(tokenizer))
     if llm.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         llm.config.pad_token_id = tokenizer.pad_token_id
     return ClocLlava(config, llm, tower)
+
+
+def load_proposer(model: ClocLlava, folder: str) -> None:
+    """Weights of a `clocmllm proposer` folder into the model's (config-built) proposer."""
+    trained = BoxProposer.from_folder(folder)
+    if model.proposer is None or trained.config != model.proposer.config:
+        raise ValueError(f"{folder}: proposer config {trained.config} does not match the model's")
+    model.proposer.load_state_dict(trained.state_dict())

@@ -40,6 +40,8 @@ def stock_incompatibility(model: ClocLlava) -> list[str]:
         reasons.append(f"model.regions={model.config.regions!r} (stock LLaVA has no <region> features)")
     if model.tower.prompter is not None:
         reasons.append("the tower has a CLOC prompter")
+    if model.proposer is not None:
+        reasons.append("the model grounds through a box proposer (proposal grounding)")
     if not is_stock_llava_projector(model.config.connector):
         reasons.append(f"model.connector={model.config.connector!r} (stock LLaVA: mlp2x_gelu)")
     if model.tower.config.preprocess not in ("letterbox", "pad"):

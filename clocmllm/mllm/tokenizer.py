@@ -95,5 +95,17 @@ def ensure_special_tokens(tokenizer) -> bool:
     return len(tokenizer) != before
 
 
+def ensure_candidate_tokens(tokenizer, k: int) -> list[int]:
+    """Add proposal grounding's `<r0>..<rK-1>` (special: one token each, whatever the
+    pre-tokenizer) where missing; returns their ids in order."""
+    from clocmllm.mllm.proposer import candidate_tokens
+
+    names = candidate_tokens(k)
+    missing = [t for t in names if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return [tokenizer.convert_tokens_to_ids(t) for t in names]
+
+
 def tokens_per_box(tokenizer, box_text: str = "[123, 456, 789, 999]") -> int:
     return len(tokenizer(box_text, add_special_tokens=False)["input_ids"])

@@ -82,11 +82,22 @@ def _build(cfg: dict):
         connector=mc["connector"],
         connector_pos=mc.get("connector_pos", "none"),
         image_position=mc.get("image_position", "first"),
+        candidate_position=mc.get("candidate_position", "after_image"),
+        candidate_pointer=bool(mc.get("candidate_pointer", True)),
         regions=mc["regions"],
         template=mc["template"],
         llm=mc["llm"],
     )
-    return build_model(config, tok), tok
+    if mc.get("proposer"):
+        from clocmllm.mllm.proposer import BoxProposer
+
+        config.proposer = BoxProposer.from_folder(mc["proposer"]).config.to_dict()
+    model = build_model(config, tok)
+    if mc.get("proposer"):
+        from clocmllm.mllm.model import load_proposer
+
+        load_proposer(model, mc["proposer"])
+    return model, tok
 
 
 def _freeze(model, cfg: dict) -> None:
@@ -212,6 +223,9 @@ def finetune(cfg: dict) -> Path:
         template=model.config.template,
         max_length=cfg["data"]["max_length"],
         image_position=model.config.image_position,
+        proposer=model.proposer,
+        candidate_position=model.config.candidate_position,
+        dual_grounding=cfg["data"].get("dual_grounding"),
     )
     sampler = EpochSampler(len(data), tc["seed"], tc["shuffle"])
     loader = torch.utils.data.DataLoader(
