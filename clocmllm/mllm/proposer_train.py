@@ -15,9 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clocmllm.data.atomic import atomic_dir
 from clocmllm.data.problems import ProblemLog
 from clocmllm.data.regions import read_region_jsonl
 from clocmllm.mllm.proposer import (
@@ -127,11 +125,7 @@ def train_proposer(
             (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm)))
         ),
     )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-    try:
-        metrics = open(tmp / "metrics.jsonl", "w", encoding="utf-8")
+    with atomic_dir(out) as tmp, open(tmp / "metrics.jsonl", "w", encoding="utf-8") as metrics:
         bar = tqdm(range(1, steps + 1), desc="proposer", disable=not progress)
         for step in bar:
             idx = rng.integers(len(train), size=batch_size).tolist()
@@ -147,7 +141,6 @@ def train_proposer(
             if step % log_every == 0 or step == steps:
                 metrics.write(json.dumps({"step": step, "lr": sched.get_last_lr()[0], **parts}) + "\n")
                 bar.set_postfix(loss=f"{parts['loss']:.3f}")
-        metrics.close()
         proposer.eval()
         report = {"train": _recall(proposer, train, cache), "k": k, "steps": steps}
         if eval_data is not None:
@@ -158,12 +151,6 @@ def train_proposer(
         tower_id = {"tower": str(Path(tower_dir).resolve()), "image_size": tower.image_size}
         proposer.save(tmp, extra=tower_id)
         (tmp / "proposer_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if problems.problems:
         log.warning("proposer: %s", problems.summary())
     return report

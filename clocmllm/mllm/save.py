@@ -17,14 +17,13 @@ preprocessor and prompter files). Both kinds carry `clocmllm_mllm.json` and the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from clocmllm.data.atomic import atomic_dir
 from clocmllm.mllm.connector import is_stock_llava_projector
 from clocmllm.mllm.model import ClocLlava, MllmConfig
 from clocmllm.mllm.tower import TowerConfig, VisionTower
@@ -151,12 +150,9 @@ def save_model(
         raise ValueError(
             f"{out_dir}: cannot save as a stock LlavaForConditionalGeneration folder: " + "; ".join(reasons)
         )
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
-    try:
-        if kind == "auto":
-            kind = "stock" if is_stock_compatible(model) else "clocmllm"
+    if kind == "auto":
+        kind = "stock" if is_stock_compatible(model) else "clocmllm"
+    with atomic_dir(out_dir) as tmp:
         tower_dir = tmp / "tower"
         tower_dir.mkdir()
         src = Path(model.tower.config.path)
@@ -178,12 +174,6 @@ def save_model(
             if getattr(model.llm.config, "tie_word_embeddings", False):
                 sd.pop("llm.lm_head.weight", None)
             save_file(_contiguous(sd), tmp / "model.safetensors", metadata={"format": "pt"})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return kind
 
 
