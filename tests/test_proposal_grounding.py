@@ -271,3 +271,18 @@ def test_dual_grounding_turns_referring_around(setup):
         data, tok, tower, template="v1", max_length=160, dual_grounding="Locate the {phrase}."
     )
     assert ds.stats["dual_grounding"] == 4 and ds.stats["kept"] == 12  # 4 referring samples turned around
+
+
+def test_proposer_given_only_with_init_from_is_refused(setup, tmp_path):
+    root, tower, data, _ = setup
+    plain = _recipe(
+        root, tower, data, root / "proposer", stage=1, max_steps=1, output_dir=str(tmp_path / "s1")
+    )
+    plain["model"]["proposer"] = None
+    s1 = finetune(plain)
+    later = _recipe(
+        root, tower, data, root / "proposer", stage=2, max_steps=1, output_dir=str(tmp_path / "s2")
+    )
+    later["model"]["init_from"] = str(s1)
+    with pytest.raises(ValueError, match="has no proposer"):
+        finetune(later)

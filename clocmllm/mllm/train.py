@@ -73,6 +73,11 @@ def _build(cfg: dict):
     mc = cfg["model"]
     if mc.get("init_from"):
         model, tok = load_model(mc["init_from"])
+        if mc.get("proposer") and model.proposer is None:
+            raise ValueError(
+                f"model.proposer: {mc['init_from']} (model.init_from) has no proposer, and a model's "
+                "architecture comes from its init_from folder: give model.proposer in stage 1 instead"
+            )
         model.tower.set_trainable(bool(mc["tower"].get("trainable", False)))
         model.train()
         return model, tok
