@@ -47,18 +47,6 @@ def patch_tokens(tower, split: Path, images: list[str]):
     return torch.cat(out)
 
 
-def box_iou(a, b):
-    """[N, 4] x [N, 4] -> (IoU, GIoU), each [N]."""
-    import torch
-
-    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(1)
-    union = (a[:, 2:] - a[:, :2]).prod(1) + (b[:, 2:] - b[:, :2]).prod(1) - inter
-    iou = inter / union.clamp(min=1e-6)
-    hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).prod(1)
-    return iou, iou - (hull - union) / hull.clamp(min=1e-6)
-
-
 def reader_class():
     import torch
     from torch import nn
@@ -89,6 +77,7 @@ def reader_class():
 def run(world: Path, folder: Path, steps: int, layer: int, log_every: int) -> float:
     import torch
 
+    from clocmllm.mllm.proposer import box_iou
     from clocmllm.mllm.tower import TowerConfig, VisionTower
 
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from clocmllm.boxes import format_box, parse_boxes, unit_to_grid
 from clocmllm.cli import main as cli_main
 from clocmllm.mllm import tiny
 from clocmllm.mllm.config import DEFAULTS, merge
-from clocmllm.mllm.dataset import ConversationDataset, collate, insert_candidates
+from clocmllm.mllm.dataset import ConversationDataset, collate
 from clocmllm.mllm.evaluate import evaluate
 from clocmllm.mllm.inference import ChatSession
 from clocmllm.mllm.proposer import (
@@ -31,6 +31,7 @@ from clocmllm.mllm.proposer import (
     proposal_loss,
 )
 from clocmllm.mllm.save import load_model, save_model
+from clocmllm.mllm.templates import insert_candidates
 from clocmllm.mllm.train import finetune
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -172,6 +173,7 @@ def test_data_lists_candidates_and_answers_name_one(setup, trained):
         grounding = s.record["id"] in {"s1", "s3", "s5", "s7"}
         assert len(answer) == (1 if grounding else 0)  # grounding answers name one candidate
     assert insert_candidates("<image>\nWhere?", 2) == "<image>\n<r0> <r1>\nWhere?"
+    assert insert_candidates("Where?\n<image>", 2, "after_prompt") == "Where?\n<image>\n<r0> <r1>"
 
     # the first <rk> carries candidate k's region feature; the answer's <rk> does not
     batch = collate([ds[1], ds[3]], tok.pad_token_id)
@@ -286,3 +288,19 @@ def test_proposer_given_only_with_init_from_is_refused(setup, tmp_path):
     later["model"]["init_from"] = str(s1)
     with pytest.raises(ValueError, match="has no proposer"):
         finetune(later)
+
+
+def test_pointer_logits_touch_only_names_from_their_position_on():
+    from clocmllm.mllm.pointer import add_pointer_logits, first_positions
+
+    ids = torch.tensor([[5, 7, 3, 8, 7, 1]])  # names 7 and 8 first appear at 1 and 3; 7 again at 4
+    first, pos = first_positions(ids, [7, 8, 9])
+    assert pos.tolist() == [[1, 3, 6]] and first[0, 4].sum() == 0  # 9 absent: position T
+    logits = torch.randn(1, 6, 10)
+    scores = torch.ones(1, 6, 3)
+    out = add_pointer_logits(logits, scores, [7, 8, 9], torch.arange(6), pos)
+    diff = out - logits
+    assert diff[..., [0, 1, 2, 3, 4, 5, 6]].abs().max() == 0  # other tokens untouched
+    torch.testing.assert_close(diff[0, :, 7], torch.tensor([0.0, 1, 1, 1, 1, 1]))
+    torch.testing.assert_close(diff[0, :, 8], torch.tensor([0.0, 0, 0, 1, 1, 1]))
+    assert diff[0, :, 9].abs().max() == 0  # a name not in the prompt is never pointed at

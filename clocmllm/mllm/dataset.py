@@ -187,15 +187,15 @@ def prepare_turns(rec: dict, geom) -> tuple[list[templates.Turn], list[list[floa
     return turns, regions
 
 
-_LEADING = re.compile(r"^(?:(?:it|this|that) is |there is )?(?:the |a |an )?", re.IGNORECASE)
-
-
 def dual_grounding_record(rec: dict, template: str) -> dict | None:
     """A referring record turned around (Shikra's REG -> REC duality): each "[box] <region>"
     question with a plain-text answer becomes `template.format(phrase=answer)` answered by the
-    box. The phrase is the answer lower-cased, without end punctuation or a leading article.
-    None when the record has no such turn (or no pixel boxes to answer with).
+    box. The phrase is the answer as the referring metric normalises it (`evaluate.normalise`:
+    lower case, no punctuation, articles or leading "it is"). None when the record has no such
+    turn (or no pixel boxes to answer with).
     """
+    from clocmllm.mllm.evaluate import normalise  # evaluate imports this module
+
     boxes, conv = rec.get("boxes"), rec["conversations"]
     if not boxes or rec.get("task") == "grounding":
         return None
@@ -203,7 +203,7 @@ def dual_grounding_record(rec: dict, template: str) -> dict | None:
     for q, a in zip(conv[0::2], conv[1::2], strict=False):
         n_q, n_a = len(_BOX_RE.findall(q["value"])), len(_BOX_RE.findall(a["value"]))
         if n_q == 1 and n_a == 0 and REGION_TOKEN in q["value"] and k < len(boxes):
-            phrase = _LEADING.sub("", a["value"].strip().rstrip(".!?").strip()).lower()
+            phrase = normalise(a["value"])
             if phrase:
                 turns.append((template.format(phrase=phrase), boxes[k]))
         k += n_q + n_a
@@ -211,9 +211,9 @@ def dual_grounding_record(rec: dict, template: str) -> dict | None:
         return None
     conversations = []
     for i, (question, _) in enumerate(turns):
-        conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
+        conversations.append({"from": "human", "value": (f"{IMAGE_TOKEN}\n" if i == 0 else "") + question})
         conversations.append({"from": "gpt", "value": "[0, 0, 0, 0]"})  # re-written from `boxes`
-    out = {k: v for k, v in rec.items() if k not in ("conversations", "boxes", "task", "id")}
+    out = {key: v for key, v in rec.items() if key not in ("conversations", "boxes", "task", "id")}
     return {**out, "id": f"{rec.get('id')}-dual", "task": "grounding", "conversations": conversations,
             "boxes": [b for _, b in turns]}  # fmt: skip
 
@@ -244,25 +244,6 @@ def propose_all(records: list[dict], root: Path, tower, proposer, batch: int = 1
     return out
 
 
-CANDIDATE_POSITIONS = ("after_image", "after_prompt")
-
-
-def insert_candidates(text: str, k: int, position: str = "after_image") -> str:
-    """The first user message with the candidate list right after `<image>` (or first), or
-    at its end (`after_prompt`: the candidates then see the question, see proposer.py)."""
-    from clocmllm.mllm.proposer import candidate_tokens
-
-    block = " ".join(candidate_tokens(k))
-    if position not in CANDIDATE_POSITIONS:
-        raise ValueError(f"model.candidate_position must be one of {CANDIDATE_POSITIONS}, got {position!r}")
-    if position == "after_prompt":
-        return f"{text.rstrip()}\n{block}"
-    if IMAGE_TOKEN in text:
-        head, tail = text.split(IMAGE_TOKEN, 1)
-        return f"{head}{IMAGE_TOKEN}\n{block}\n" + tail.removeprefix("\n")
-    return f"{block}\n{text}"
-
-
 def name_answer_boxes(
     turns: list[templates.Turn], boxes, scores, grid: int, inject: bool, position: str = "after_image"
 ) -> tuple[list[templates.Turn], list[list[float]], list[float], int]:
@@ -287,7 +268,7 @@ def name_answer_boxes(
         if role == "assistant":
             text = _BOX_RE.sub(lambda _m: tokens[next(it)], text)
         elif first_user:
-            text, first_user = insert_candidates(text, len(cands), position), False
+            text, first_user = templates.insert_candidates(text, len(cands), position), False
         out.append((role, text))
     return out, cands.tolist(), conf.tolist(), injected
 

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from clocmllm.boxes import format_box, parse_boxes, unit_to_grid
 from clocmllm.mllm import templates
-from clocmllm.mllm.dataset import insert_candidates, tokenize_segments
+from clocmllm.mllm.dataset import tokenize_segments
 from clocmllm.mllm.tokenizer import IMAGE_TOKEN, REGION_TOKEN
 
 DEFAULT_REFERRING = "What is the object at {box}?"
@@ -144,7 +144,7 @@ class ChatSession:
         text = user_text(prompt, grid, first=not self.turns, image_position=position)
         if self.candidates and not self.turns:
             where = getattr(self.model.config, "candidate_position", "after_image")
-            text = insert_candidates(text, len(self.candidates), where)
+            text = templates.insert_candidates(text, len(self.candidates), where)
         self.turns.append(("user", text))
         tok, model = self.tokenizer, self.model
         segs = templates.segments(model.config.template, self.turns, tok, generation_prompt=True)

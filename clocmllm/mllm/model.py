@@ -31,7 +31,7 @@ from clocmllm.mllm.connector import build_connector
 from clocmllm.mllm.patch_position import PatchPosition, check_mode
 from clocmllm.mllm.pointer import CandidatePointer, add_pointer_logits, first_positions
 from clocmllm.mllm.proposer import BoxProposer, ProposerConfig
-from clocmllm.mllm.templates import IMAGE_POSITIONS
+from clocmllm.mllm.templates import CANDIDATE_POSITIONS, IMAGE_POSITIONS
 from clocmllm.mllm.tower import TowerConfig, VisionTower
 
 REGION_MODES = ("none", "shared", "own")
@@ -50,7 +50,7 @@ class MllmConfig:
     image_position: str = "first"  # first | after_prompt (templates.place_image)
     proposer: dict | None = None  # ProposerConfig as a dict: proposal grounding on (proposer.py)
     candidate_token_ids: list[int] = field(default_factory=list)  # <r0>..<rK-1>, set by build_model
-    candidate_position: str = "after_image"  # after_image | after_prompt (dataset.insert_candidates)
+    candidate_position: str = "after_image"  # after_image | after_prompt (templates.insert_candidates)
     candidate_pointer: bool = True  # with a proposer: pointer logits for the names (pointer.py)
 
     def __post_init__(self) -> None:
@@ -59,9 +59,9 @@ class MllmConfig:
         if self.regions not in REGION_MODES:
             raise ValueError(f"model.regions must be one of {REGION_MODES}, got {self.regions!r}")
         check_mode(self.connector_pos)
-        if self.candidate_position not in ("after_image", "after_prompt"):
+        if self.candidate_position not in CANDIDATE_POSITIONS:
             raise ValueError(
-                f"model.candidate_position must be after_image or after_prompt, got {self.candidate_position!r}"
+                f"model.candidate_position must be one of {CANDIDATE_POSITIONS}, got {self.candidate_position!r}"
             )
         if self.image_position not in IMAGE_POSITIONS:
             raise ValueError(
@@ -161,8 +161,8 @@ class ClocLlava(nn.Module):
     ) -> torch.Tensor:
         """Token embeddings with image features (and region features) written in.
 
-        `extras`, when given, receives the candidates' tower-side region features
-        (`"candidates"`, [B, K, Dv]) when the prompt's candidates were embedded."""
+        `extras`, when given, receives where the prompt's candidates are, when they were embedded
+        (`"slots"`: `pointer.first_positions`), so the pointer does not look for them again."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds
@@ -179,10 +179,12 @@ class ClocLlava(nn.Module):
             )
         embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), image)
         if self.proposer is not None and candidate_boxes is not None:
-            feats = self.tower.region_features(selected, last, candidate_boxes)  # [B, K, Dv]
+            slots = first_positions(input_ids, self.config.candidate_token_ids)
             if extras is not None:
-                extras["candidates"] = feats
-            embeds = embeds + self._candidate_features(input_ids, feats).to(embeds.dtype)
+                extras["slots"] = slots
+            feats = self.region_connector()(self.tower.region_features(selected, last, candidate_boxes))
+            # candidate k's connected region feature at the first `<rk>` of a sample, else 0
+            embeds = embeds + torch.einsum("btk,bkw->btw", slots[0].to(feats.dtype), feats).to(embeds.dtype)
         if self.uses_regions:
             if (
                 region_boxes is None
@@ -204,12 +206,6 @@ class ClocLlava(nn.Module):
             embeds = embeds.masked_scatter(rmask[..., None].expand_as(embeds), regions)
         return embeds
 
-    def _candidate_features(self, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        """[B, T, W]: candidate k's connected region feature at the first `<rk>` of a sample, else 0."""
-        first, _ = first_positions(input_ids, self.config.candidate_token_ids)  # [B, T, K]
-        feats = self.region_connector()(feats)  # [B, K, W]
-        return torch.einsum("btk,bkw->btw", first.to(feats.dtype), feats)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -224,10 +220,10 @@ class ClocLlava(nn.Module):
     ):
         extras: dict = {}
         embeds = self.embed(input_ids, pixel_values, region_boxes, region_mask, candidate_boxes, extras)
-        if self.pointer is None or "candidates" not in extras:
+        if self.pointer is None or "slots" not in extras:
             return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
         out, hidden = self._llm_with_hidden(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
-        first, cand_pos = first_positions(input_ids, self.config.candidate_token_ids)
+        first, cand_pos = extras["slots"]
         cand = torch.einsum("btk,btw->bkw", first.to(hidden.dtype), hidden)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         out.logits = add_pointer_logits(
@@ -254,13 +250,22 @@ class ClocLlava(nn.Module):
 
     @torch.no_grad()
     def _generate_pointer(
-        self, input_ids, embeds, scores, attention_mask, max_new_tokens, use_cache, streamer, eos_token_id
+        self,
+        input_ids,
+        embeds,
+        slots,
+        scores,
+        attention_mask,
+        max_new_tokens,
+        use_cache,
+        streamer,
+        eos_token_id,
     ) -> torch.Tensor:
         """Greedy decoding with pointer logits (HF `generate` cannot add them): KV cache or not."""
         if not bool(attention_mask.all()):
             raise ValueError("generate with a candidate pointer: padded prompts are not supported")
         ids = self.config.candidate_token_ids
-        first, cand_pos = first_positions(input_ids, ids)
+        first, cand_pos = slots
         out, hidden = self._llm_with_hidden(
             inputs_embeds=embeds, attention_mask=attention_mask, use_cache=use_cache
         )
@@ -324,10 +329,10 @@ class ClocLlava(nn.Module):
         embeds = self.embed(input_ids, pixel_values, region_boxes, region_mask, candidate_boxes, extras)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
-        if self.pointer is not None and "candidates" in extras:
+        if self.pointer is not None and "slots" in extras:
             return self._generate_pointer(
-                input_ids, embeds, candidate_scores, attention_mask, max_new_tokens, use_cache, streamer,
-                eos_token_id,
+                input_ids, embeds, extras["slots"], candidate_scores, attention_mask, max_new_tokens, use_cache,
+                streamer, eos_token_id,
             )  # fmt: skip
         return self.llm.generate(
             inputs_embeds=embeds,
@@ -351,7 +356,7 @@ def build_model(config: MllmConfig, tokenizer) -> ClocLlava:
     """A fresh model from configs: tower from its folder, LLM from a folder or a config.
 
     With `config.proposer`, the candidate tokens join the tokenizer (before the LLM is sized);
-    the proposer's weights are the caller's to load (`load_proposer`).
+    the proposer's weights are the caller's to load (`model.proposer.load_state_dict`).
     """
     from clocmllm.mllm.tokenizer import IMAGE_TOKEN, REGION_TOKEN, ensure_candidate_tokens
 
@@ -364,11 +369,3 @@ def build_model(config: MllmConfig, tokenizer) -> ClocLlava:
     if llm.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         llm.config.pad_token_id = tokenizer.pad_token_id
     return ClocLlava(config, llm, tower)
-
-
-def load_proposer(model: ClocLlava, folder: str) -> None:
-    """Weights of a `clocmllm proposer` folder into the model's (config-built) proposer."""
-    trained = BoxProposer.from_folder(folder)
-    if model.proposer is None or trained.config != model.proposer.config:
-        raise ValueError(f"{folder}: proposer config {trained.config} does not match the model's")
-    model.proposer.load_state_dict(trained.state_dict())

@@ -69,6 +69,5 @@ def add_pointer_logits(
     exists at or before the position (`positions` [T] absolute indices, `cand_pos` [B, K])."""
     valid = positions[None, :, None] >= cand_pos[:, None, :]
     ids = torch.tensor(candidate_ids, device=logits.device)
-    add = torch.zeros_like(logits)
-    add[..., ids] = torch.where(valid, scores.to(logits.dtype), torch.zeros_like(scores, dtype=logits.dtype))
-    return logits + add
+    # index_add touches the K name columns only: no second [B, T, vocab] tensor on the hot path
+    return logits.index_add(-1, ids, scores.to(logits.dtype) * valid)

@@ -177,26 +177,24 @@ def name_candidates(
     the index each answer names, answers injected).
     """
     boxes, scores = boxes.clone(), scores.clone()
-    used: set[int] = set()
-    neutral: set[int] = set()
+    chosen: list[int] = []
     injected = 0
     for a in answers:
         t = torch.tensor(a, dtype=boxes.dtype)
         ious = box_iou(t[None], boxes)[0]
         best = int(ious.argmax())
         if float(ious[best]) < 0.5 and inject:
-            free = [j for j in torch.argsort(scores).tolist() if j not in used]
+            free = [j for j in torch.argsort(scores).tolist() if j not in chosen]
             if free:
                 best = free[0]
-                boxes[best], scores[best] = t, float("inf")  # inf: never given way again
-                neutral.add(best)
+                boxes[best], scores[best] = t, 0.5
                 injected += 1
-        used.add(best)
-    for j in neutral:
-        scores[j] = 0.5
+        chosen.append(best)
     order = reading_order(boxes, grid)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    names = [int(rank[j]) for j in chosen]
     boxes, scores = boxes[order], scores[order]
-    names = [int(box_iou(torch.tensor(a, dtype=boxes.dtype)[None], boxes)[0].argmax()) for a in answers]
     return boxes, scores, names, injected
 
 

@@ -39,33 +39,35 @@ log = logging.getLogger("clocmllm.mllm")
 
 
 class _Images:
-    """Decoded, preprocessed images and their unit boxes; unreadable images are counted out."""
+    """Image paths and their unit boxes. Only headers are read up front (unreadable images are
+    counted out there); pixels are decoded per batch, so memory holds tokens, not images."""
 
     def __init__(self, path: str | Path, tower: VisionTower, problems: ProblemLog):
-        self.tower, self.pixels, self.boxes, self.paths = tower, [], [], []
+        self.tower, self.paths, self.boxes = tower, [], []
         for rec in read_region_jsonl(path, problems):
             try:
                 with Image.open(rec.image_path) as im:
-                    im.load()
-                    w, h = im.size
-                    pix, geom = tower.preprocess(im.convert("RGB"))
+                    geom = tower.geometry(*im.size)
             except (OSError, ValueError) as err:
                 problems.add(str(path), None, rec.image, f"image: {err}")
                 continue
-            self.pixels.append(pix)
             self.paths.append(rec.image_path)
             units = [geom.to_unit(r.box) for r in rec.regions]
             self.boxes.append(torch.tensor(units, dtype=torch.float32).reshape(-1, 4))
-        if not self.pixels:
+        if not self.paths:
             raise ValueError(f"{path}: no usable images ({problems.summary()})")
 
     def __len__(self) -> int:
-        return len(self.pixels)
+        return len(self.paths)
 
     def tokens(self, idx: list[int], cache: torch.Tensor | None) -> torch.Tensor:
         if cache is not None:
             return cache[idx]
-        return last_patches(self.tower, torch.stack([self.pixels[i] for i in idx]))
+        pixels = []
+        for i in idx:
+            with Image.open(self.paths[i]) as im:
+                pixels.append(self.tower.preprocess(im.convert("RGB"))[0])
+        return last_patches(self.tower, torch.stack(pixels))
 
     def all_tokens(self, batch: int = 128, progress: bool = True) -> torch.Tensor:
         from tqdm.auto import tqdm

@@ -16,6 +16,7 @@ and inference see the same tokens).
 from __future__ import annotations
 
 IMAGE_POSITIONS = ("first", "after_prompt")
+CANDIDATE_POSITIONS = ("after_image", "after_prompt")
 
 V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -102,3 +103,22 @@ def place_image(text: str, where: str, image_token: str = "<image>") -> str:
     if where == "first":
         return f"{image_token}\n{rest}"
     return f"{rest}\n{image_token}"
+
+
+CANDIDATE_POSITIONS = ("after_image", "after_prompt")
+
+
+def insert_candidates(text: str, k: int, position: str = "after_image", image_token: str = "<image>") -> str:
+    """The first user message with the candidate list right after `<image>` (or first), or
+    at its end (`after_prompt`: the candidates then see the question, see proposer.py)."""
+    from clocmllm.mllm.proposer import candidate_tokens
+
+    block = " ".join(candidate_tokens(k))
+    if position not in CANDIDATE_POSITIONS:
+        raise ValueError(f"model.candidate_position must be one of {CANDIDATE_POSITIONS}, got {position!r}")
+    if position == "after_prompt":
+        return f"{text.rstrip()}\n{block}"
+    if image_token in text:
+        head, tail = text.split(image_token, 1)
+        return f"{head}{image_token}\n{block}\n" + tail.removeprefix("\n")
+    return f"{block}\n{text}"

@@ -93,15 +93,15 @@ def _build(cfg: dict):
         template=mc["template"],
         llm=mc["llm"],
     )
+    trained = None
     if mc.get("proposer"):
         from clocmllm.mllm.proposer import BoxProposer
 
-        config.proposer = BoxProposer.from_folder(mc["proposer"]).config.to_dict()
+        trained = BoxProposer.from_folder(mc["proposer"])
+        config.proposer = trained.config.to_dict()
     model = build_model(config, tok)
-    if mc.get("proposer"):
-        from clocmllm.mllm.model import load_proposer
-
-        load_proposer(model, mc["proposer"])
+    if trained is not None:
+        model.proposer.load_state_dict(trained.state_dict())
     return model, tok
 
 
