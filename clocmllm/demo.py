@@ -71,6 +71,12 @@ class DemoPlan:
     # single-threaded torch (TORCH_ENV), so on 2 idle cores two of them take the time of one.
     parallel_mllm: bool = True
 
+    def __post_init__(self) -> None:
+        """Refuse a bad plan before minutes of pretraining, not in the stage that reads it."""
+        for name, allowed in (("mllm_tokenizer", ("digits", "words")), ("grounding", ("proposals", "text"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"plan.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+
 
 PLANS = {
     # stage 2: 1500 steps (proposal grounding, docs/demo.md fourth pass: 1000 -> 0.43, 1500 -> 0.44-0.50)
@@ -386,8 +392,6 @@ def finetune_two_stages(demo: Demo, recipe: str, md: Path, world: Path) -> dict:
             if not (path / "tokenizer.json").exists():
                 write_digit_tokenizer(world / "train" / "conversations.json", path)
         tokenizer = ("--set", f"model.tokenizer.path={path}")
-    elif plan.mllm_tokenizer != "words":
-        raise StageFailed(f"plan.mllm_tokenizer: expected 'digits' or 'words', got {plan.mllm_tokenizer!r}")
     proposer: tuple[str, ...] = ()
     outputs: dict = {}
     if plan.grounding == "proposals":
@@ -399,8 +403,6 @@ def finetune_two_stages(demo: Demo, recipe: str, md: Path, world: Path) -> dict:
         )  # fmt: skip
         proposer = ("--set", f"model.proposer={md / 'proposer'}")
         outputs["proposer"] = read_json(md / "proposer" / "proposer_report.json")
-    elif plan.grounding != "text":
-        raise StageFailed(f"plan.grounding: expected 'proposals' or 'text', got {plan.grounding!r}")
     common = (
         "--config", RECIPES / "demo_mllm.yaml",
         "--set", f"data.train={world / 'train' / 'conversations.json'}",

@@ -193,3 +193,11 @@ def test_printed_chat_question_is_about_the_image(demo_run):
     first = json.loads((workdir / "world" / "eval" / "regions.jsonl").read_text().splitlines()[0])
     assert Path(image).is_file() and Path(image).name == Path(first["image"]).name
     assert question.startswith("Locate ") and question[len("Locate ") : -1] in first["regions"][0]["refs"]
+
+
+def test_a_bad_plan_is_refused_before_any_stage():
+    from dataclasses import replace
+
+    for field_name in ("grounding", "mllm_tokenizer"):
+        with pytest.raises(ValueError, match=f"plan.{field_name}"):
+            replace(PLANS["quick"], **{field_name: "bogus"})
