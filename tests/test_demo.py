@@ -108,6 +108,13 @@ def test_report_md_and_figures(demo_run):
         # the second stage continued from the first (LLaVA's two stages both ran)
         assert (workdir / f"mllm_{r}" / "stage1" / "model").is_dir()
         assert (workdir / f"mllm_{r}" / "stage2" / "model").is_dir()
+        # the plan's per-stage lr reached each stage, and the recipe keeps dual grounding off
+        # (docs/demo.md fifth pass: with stage 2 at 1e-3 it cost grounding accuracy)
+        plan = PLANS["quick"]
+        for stage, lr in (("stage1", plan.finetune_stage1_lr), ("stage2", plan.finetune_stage2_lr)):
+            cfg = json.loads((workdir / f"mllm_{r}" / stage / "config.json").read_text())
+            assert cfg["train"]["lr"] == pytest.approx(lr), (r, stage)
+            assert cfg["data"]["dual_grounding"] is None, (r, stage)
 
 
 def test_example_png_draws_truth_green_and_prediction_red(demo_run):

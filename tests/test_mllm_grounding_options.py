@@ -2,6 +2,7 @@
 
 `model.connector_pos`: a (row, col) embedding on the image tokens; saved, reloaded, never stock.
 `model.image_position`: `<image>` after the first question instead of before it.
+`model.tower.pool`: k x k patches averaged into one image token; never stock.
 """
 
 from __future__ import annotations
@@ -191,3 +192,50 @@ def test_token_loss_weights(world):
     torch.testing.assert_close(weighted_loss(out.logits, batch["labels"], only_eos), want)
     with pytest.raises(ValueError, match="token_loss_weights"):
         weight_table(tok, {"[": 0.5})
+
+
+# ---- tower.pool ------------------------------------------------------------------------------
+@pytest.mark.parametrize("feature", ["patch", "cls_patch"])
+def test_pool_averages_patch_blocks_for_the_llm_only(world, feature, tmp_path):
+    """`model.tower.pool: 2`: the LLM sees each 2x2 block of patches as one token (the class
+    token kept as is); region features still read the full grid; data, model and save agree."""
+    _, tower, data, tok = world
+    torch.manual_seed(0)
+    cfg = MllmConfig(
+        tower={"path": str(tower), "feature": feature, "pool": 2}, regions="shared", template="v1",
+        llm={"config": tiny.llm_config()},
+    )  # fmt: skip
+    model = build_model(cfg, tok).eval()
+    g, lead = model.tower.grid, int(feature == "cls_patch")
+    assert model.tower.num_tokens == (g // 2) ** 2 + lead
+    pixels = torch.randn(1, 3, model.tower.image_size, model.tower.image_size)
+    with torch.no_grad():
+        selected, last = model.tower(pixels)
+    pooled = model.tower.image_tokens(selected)
+    assert pooled.shape == (1, model.tower.num_tokens, selected.shape[-1])
+    grid = selected[:, lead:].reshape(1, g, g, -1)
+    torch.testing.assert_close(pooled[:, lead], grid[:, :2, :2].mean((1, 2)))  # top-left block
+    torch.testing.assert_close(pooled[:, lead + 1], grid[:, :2, 2:4].mean((1, 2)))  # its right neighbour
+    if lead:
+        assert torch.equal(pooled[:, 0], selected[:, 0])
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    ds = ConversationDataset(data, tok, model.tower, template="v1")
+    batch = collate([ds[0], ds[1]], tok.pad_token_id)
+    assert (batch["input_ids"] == image_id).sum(1).tolist() == [model.tower.num_tokens] * 2
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="tower.pool"):
+        save_model(model, tok, tmp_path / "stock", kind="stock")
+    assert save_model(model, tok, tmp_path / "m") == "clocmllm"
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.tower.config.pool == 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, logits, rtol=0, atol=0)
+
+
+def test_pool_must_divide_the_grid(world):
+    _, tower, _, tok = world
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="tower.pool"):
+            build_model(MllmConfig(tower={"path": str(tower), "pool": bad}, llm={"config": tiny.llm_config()}), tok)

@@ -167,7 +167,7 @@ class ClocLlava(nn.Module):
         if pixel_values is None:
             return embeds
         selected, last = self.tower(pixel_values)
-        image = self.projector(selected)
+        image = self.projector(self.tower.image_tokens(selected))
         if self.patch_position is not None:
             image = self.patch_position(image)
         image = image.to(embeds.dtype)

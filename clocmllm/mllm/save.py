@@ -43,6 +43,8 @@ def stock_incompatibility(model: ClocLlava) -> list[str]:
         reasons.append("the model grounds through a box proposer (proposal grounding)")
     if not is_stock_llava_projector(model.config.connector):
         reasons.append(f"model.connector={model.config.connector!r} (stock LLaVA: mlp2x_gelu)")
+    if model.tower.config.pool != 1:
+        reasons.append(f"model.tower.pool={model.tower.config.pool} (stock LLaVA gives the LLM every patch)")
     if model.tower.config.preprocess not in ("letterbox", "pad"):
         reasons.append(f"model.tower.preprocess={model.tower.config.preprocess!r}")
     if getattr(model.config, "connector_pos", "none") != "none":

@@ -40,12 +40,15 @@ class TowerConfig:
     preprocess: str = "letterbox"
     trainable: bool = False
     region: str = "auto"  # auto: the prompter when the folder has one, else RoI-Align
+    pool: int = 1  # average k x k patches into one image token (region features keep the full grid)
 
     def __post_init__(self) -> None:
         if self.feature not in FEATURE_MODES:
             raise ValueError(f"tower.feature must be one of {FEATURE_MODES}, got {self.feature!r}")
         if self.region not in REGION_MODES:
             raise ValueError(f"tower.region must be one of {REGION_MODES}, got {self.region!r}")
+        if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1:
+            raise ValueError(f"tower.pool must be a positive integer, got {self.pool!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +95,8 @@ class VisionTower(nn.Module):
         self.vision_config = self.model.config
         self.image_size = int(self.vision_config.image_size)
         self.grid = self.image_size // int(self.vision_config.patch_size)
+        if self.grid % config.pool:
+            raise ValueError(f"tower.pool={config.pool} does not divide the {self.grid}x{self.grid} patch grid of {folder}")
         self.mean, self.std = _preprocessor(folder, self.image_size)
         self.prompter = None
         if config.region in ("auto", "prompter"):
@@ -106,7 +111,19 @@ class VisionTower(nn.Module):
 
     @property
     def num_tokens(self) -> int:
-        return self.grid * self.grid + (1 if self.config.feature == "cls_patch" else 0)
+        side = self.grid // self.config.pool
+        return side * side + (1 if self.config.feature == "cls_patch" else 0)
+
+    def image_tokens(self, selected: torch.Tensor) -> torch.Tensor:
+        """The selected features as the LLM sees them: the patch grid pooled k x k."""
+        k = self.config.pool
+        if k == 1:
+            return selected
+        lead, patches = selected[:, : -self.grid * self.grid], selected[:, -self.grid * self.grid :]
+        b, _, d = patches.shape
+        grid = patches.transpose(1, 2).reshape(b, d, self.grid, self.grid)
+        pooled = torch.nn.functional.avg_pool2d(grid, k).flatten(2).transpose(1, 2)
+        return torch.cat([lead, pooled], dim=1)
 
     @property
     def region_source(self) -> str:
