@@ -53,8 +53,8 @@ class DemoPlan:
     finetune_stage2_steps: int
     finetune_batch: int = 16
     finetune_stage1_lr: float = 2e-3
-    # stage 2 at half stage 1's lr: 0.58/0.47 grounding Acc@0.5 at 1e-3 against 0.52/0.48 at 2e-3
-    # (seeds 0/1, docs/demo.md fifth pass)
+    # stage 2 at half stage 1's lr: without dual grounding (demo_mllm.yaml) 0.64/0.65 grounding
+    # Acc@0.5 at 1e-3 against 0.37/0.40 at 2e-3 (seeds 0/1, docs/demo.md fifth pass, r3-r6)
     finetune_stage2_lr: float = 1e-3
     # "digits": clocmllm/demo_tokenizer.py (numbers as digit tokens, for an LLM from scratch);
     # "words": the MLLM's default word-level tokenizer (one token per grid number).

@@ -12,6 +12,7 @@ from pathlib import Path
 
 ENCODER_KEYS = ("image_text_r1", "region_retrieval_r1", "region_retrieval_r10", "region_cls_acc")
 MLLM_KEYS = ("grounding_acc50", "referring_acc")
+PROPOSAL_KEY = "proposal_recall50"  # proposal grounding: eval objects the K proposals cover
 
 
 def _metric(results: dict, stage: str, key: str):
@@ -49,7 +50,7 @@ def build_report(results: dict, plan, wall_seconds: float) -> dict:
     for r in recipes:  # proposal grounding: how many eval objects the K proposals cover (IoU >= 0.5)
         res = results.get(f"finetune_{r}")
         proposer = res.outputs.get("proposer") if res is not None and res.status == "done" else None
-        mllm[r]["proposal_recall50"] = (proposer or {}).get("eval", {}).get("recall50")
+        mllm[r][PROPOSAL_KEY] = (proposer or {}).get("eval", {}).get("recall50")
     export = {}
     for r in recipes:
         res = results.get(f"export_{r}")
@@ -117,7 +118,7 @@ def table_markdown(report: dict) -> str:
         + " | ".join(_fmt_diff(report["export"][r]["max_abs_diff"]) for r in recipes)
         + " |"
     )
-    for k in (*MLLM_KEYS, "proposal_recall50"):
+    for k in (*MLLM_KEYS, PROPOSAL_KEY):
         rows.append(f"| mllm {k} | " + " | ".join(_fmt(report["mllm"][r].get(k)) for r in recipes) + " |")
     return "\n".join(rows)
 

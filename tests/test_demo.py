@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from clocmllm.demo import PLANS, StageResult, run_demo
-from clocmllm.demo_report import ENCODER_KEYS, MLLM_KEYS, build_report
+from clocmllm.demo_report import ENCODER_KEYS, MLLM_KEYS, PROPOSAL_KEY, build_report
 
 TINY = {
     "train_images": 48,
@@ -66,7 +66,7 @@ def test_every_stage_done_and_every_key_measured(demo_run):
     for r in ("clip", "cloc"):
         for k in ENCODER_KEYS:
             assert _is_number(report["encoders"][r][k]) and 0.0 <= report["encoders"][r][k] <= 1.0, (r, k)
-        for k in (*MLLM_KEYS, "proposal_recall50"):  # the demo grounds through proposals
+        for k in (*MLLM_KEYS, PROPOSAL_KEY):  # the demo grounds through proposals
             assert _is_number(report["mllm"][r][k]) and 0.0 <= report["mllm"][r][k] <= 1.0, (r, k)
         assert (workdir / f"mllm_{r}" / "proposer" / "proposer.safetensors").is_file()
         # the export's parity check passed (it refuses to write otherwise) and was recorded

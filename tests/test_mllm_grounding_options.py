@@ -195,19 +195,23 @@ def test_token_loss_weights(world):
 
 
 # ---- tower.pool ------------------------------------------------------------------------------
+@pytest.mark.parametrize("pos", ["none", "sincos2d"])
 @pytest.mark.parametrize("feature", ["patch", "cls_patch"])
-def test_pool_averages_patch_blocks_for_the_llm_only(world, feature, tmp_path):
+def test_pool_averages_patch_blocks_for_the_llm_only(world, feature, pos, tmp_path):
     """`model.tower.pool: 2`: the LLM sees each 2x2 block of patches as one token (the class
-    token kept as is); region features still read the full grid; data, model and save agree."""
+    token kept as is); region features still read the full grid; data, model (with a patch
+    position on the pooled grid) and save agree."""
     _, tower, data, tok = world
     torch.manual_seed(0)
     cfg = MllmConfig(
         tower={"path": str(tower), "feature": feature, "pool": 2}, regions="shared", template="v1",
-        llm={"config": tiny.llm_config()},
+        connector_pos=pos, llm={"config": tiny.llm_config()},
     )  # fmt: skip
     model = build_model(cfg, tok).eval()
     g, lead = model.tower.grid, int(feature == "cls_patch")
     assert model.tower.num_tokens == (g // 2) ** 2 + lead
+    if pos != "none":
+        assert model.patch_position.grid == g // 2
     pixels = torch.randn(1, 3, model.tower.image_size, model.tower.image_size)
     with torch.no_grad():
         selected, last = model.tower(pixels)
@@ -227,6 +231,7 @@ def test_pool_averages_patch_blocks_for_the_llm_only(world, feature, tmp_path):
     assert torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="tower.pool"):
         save_model(model, tok, tmp_path / "stock", kind="stock")
+    assert not (tmp_path / "stock").exists()
     assert save_model(model, tok, tmp_path / "m") == "clocmllm"
     loaded, _ = load_model(tmp_path / "m")
     assert loaded.tower.config.pool == 2

@@ -120,7 +120,7 @@ class ChatSession:
             if t in cand_ids:
                 pieces += [
                     self.tokenizer.decode(chunk, skip_special_tokens=True),
-                    self._name(cand_ids.index(t), names),
+                    self._name(t, cand_ids.index(t), names),
                 ]
                 chunk = []
             else:
@@ -128,9 +128,10 @@ class ChatSession:
         pieces.append(self.tokenizer.decode(chunk, skip_special_tokens=True))
         return " ".join(p.strip() for p in pieces if p.strip())
 
-    def _name(self, k: int, raw: bool) -> str:
+    def _name(self, token_id: int, k: int, raw: bool) -> str:
+        """Candidate k's box, or the name token itself (`<rk>`) when raw or k has no box."""
         if raw or k >= len(self.candidates):
-            return f"<r{k}>"
+            return self.tokenizer.convert_ids_to_tokens(token_id)
         return format_box(unit_to_grid(self.candidates[k]))
 
     def ask(

@@ -119,7 +119,7 @@ class ClocLlava(nn.Module):
         )
         self.patch_position = (
             PatchPosition(
-                config.connector_pos, tower.grid, width, has_cls=tower.config.feature == "cls_patch"
+                config.connector_pos, tower.token_grid, width, has_cls=tower.config.feature == "cls_patch"
             )
             if config.connector_pos != "none"
             else None

@@ -66,7 +66,7 @@ class _Images:
         pixels = []
         for i in idx:
             with Image.open(self.paths[i]) as im:
-                pixels.append(self.tower.preprocess(im.convert("RGB"))[0])
+                pixels.append(self.tower.preprocess(im)[0])  # the geometry converts to RGB
         return last_patches(self.tower, torch.stack(pixels))
 
     def all_tokens(self, batch: int = 128, progress: bool = True) -> torch.Tensor:

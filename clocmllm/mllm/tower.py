@@ -96,7 +96,9 @@ class VisionTower(nn.Module):
         self.image_size = int(self.vision_config.image_size)
         self.grid = self.image_size // int(self.vision_config.patch_size)
         if self.grid % config.pool:
-            raise ValueError(f"tower.pool={config.pool} does not divide the {self.grid}x{self.grid} patch grid of {folder}")
+            raise ValueError(
+                f"tower.pool={config.pool} does not divide the {self.grid}x{self.grid} patch grid of {folder}"
+            )
         self.mean, self.std = _preprocessor(folder, self.image_size)
         self.prompter = None
         if config.region in ("auto", "prompter"):
@@ -110,20 +112,27 @@ class VisionTower(nn.Module):
         return int(self.vision_config.hidden_size)
 
     @property
+    def token_grid(self) -> int:
+        """Image tokens per side as the LLM sees them (the patch grid after `pool`)."""
+        return self.grid // self.config.pool
+
+    @property
     def num_tokens(self) -> int:
-        side = self.grid // self.config.pool
-        return side * side + (1 if self.config.feature == "cls_patch" else 0)
+        return self.token_grid**2 + (1 if self.config.feature == "cls_patch" else 0)
+
+    def patch_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, (1+)N, D] tokens -> their N patches as a [B, D, grid, grid] map (any class token dropped)."""
+        patches = tokens[:, -self.grid * self.grid :]
+        b, _, d = patches.shape
+        return patches.transpose(1, 2).reshape(b, d, self.grid, self.grid)
 
     def image_tokens(self, selected: torch.Tensor) -> torch.Tensor:
         """The selected features as the LLM sees them: the patch grid pooled k x k."""
         k = self.config.pool
         if k == 1:
             return selected
-        lead, patches = selected[:, : -self.grid * self.grid], selected[:, -self.grid * self.grid :]
-        b, _, d = patches.shape
-        grid = patches.transpose(1, 2).reshape(b, d, self.grid, self.grid)
-        pooled = torch.nn.functional.avg_pool2d(grid, k).flatten(2).transpose(1, 2)
-        return torch.cat([lead, pooled], dim=1)
+        pooled = torch.nn.functional.avg_pool2d(self.patch_grid(selected), k).flatten(2).transpose(1, 2)
+        return torch.cat([selected[:, : -self.grid * self.grid], pooled], dim=1)
 
     @property
     def region_source(self) -> str:
@@ -164,10 +173,7 @@ class VisionTower(nn.Module):
         if self.prompter is not None:
             _emb, feat = self.prompter(last_hidden, boxes.to(last_hidden.dtype))
             return feat
-        patches = selected[:, -self.grid * self.grid :]  # drop the class token if kept
-        b, _, d = patches.shape
-        grid = patches.transpose(1, 2).reshape(b, d, self.grid, self.grid)
-        return roi_align(grid, boxes)
+        return roi_align(self.patch_grid(selected), boxes)
 
 
 def _load_prompter(folder: Path):
