@@ -16,10 +16,16 @@ trimming of the heap top (`M_TRIM_THRESHOLD=-1`; a 1 GiB threshold still let the
 buffer of a ViT-S/16 step at batch 32 be trimmed and re-faulted every step: 793k faults,
 1.5 s of sys time a step). They only take effect for threads that have not allocated yet, so
 call `reuse_freed_memory()` before JAX creates its CPU client (first device use). Cost: freed
-memory stays in the process, and heap fragmentation can raise the peak (ViT-S/16 batch 8:
-3.26 -> 3.42 GB; at batch 32, 4.9 -> 11.3 GB for no gain, hence the trainer's size rule
-`trainer.wants_malloc_reuse`); malloc calls of all threads share one lock (image decoding
+memory stays in the process; malloc calls of all threads share one lock (image decoding
 threads allocate little). CLOCMLLM_MALLOC_TUNING=0 leaves malloc alone.
+
+The settings need a synchronous CPU client too (`synchronous_cpu_client`). With JAX's async
+dispatch a step's outputs are ready before its temp buffer is freed, so the next step can
+ask for its buffer while the last one is still held: the heap then grows by a whole temp
+buffer, which stays. Measured at ViT-S/16, batch 32 (3.3 GB temp buffer), 10-14 steps a run:
+3 of 4 async runs grew from 4.8 to 8.1 GB at step 3 or 4 (one whole re-fault, 11 s of sys
+time); 3 of 3 synchronous runs stayed at 4.8 GB with 0 faults after step 0. That growth
+(up to 11.3 GB in an earlier, unpinned run) was why the trainer once tuned small steps only.
 """
 
 from __future__ import annotations
@@ -57,3 +63,16 @@ def reuse_freed_memory() -> bool:
     )
     _done = ok
     return ok
+
+
+def synchronous_cpu_client() -> None:
+    """Have JAX's CPU client run each computation inline (`jax_cpu_enable_async_dispatch`).
+
+    Then a step returns after its temp buffer is freed, and the next one reuses it in place
+    (module docstring). Read when the client is created, so call this before the first device
+    use; it is a no-op for a client that already exists. Costs nothing in `train()`, which
+    waits for each step's metrics anyway; multi-device computations are not affected.
+    """
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)

@@ -76,7 +76,7 @@ DEFAULTS: dict[str, Any] = {
     "mesh": {"data": -1, "fsdp": 1},
     "distributed": False,  # jax.distributed.initialize() when multi-host env vars exist
     # glibc malloc tuning for CPU steps (encoder/host_malloc.py): reuse | glibc | auto (reuse
-    # for small steps only, see `wants_malloc_reuse`)
+    # when JAX runs on the CPU, see `wants_malloc_reuse`)
     "malloc": "auto",
     "checkpoint": {"every": 500, "keep": 3},
     "log_every": 10,
@@ -335,26 +335,46 @@ def make_train_step(model, tx, schedule, cfg: dict, loss_fn=None):
     return train_step
 
 
-# batch x image tokens x vision width x vision layers up to which `malloc: auto` tunes malloc
-MALLOC_REUSE_MAX_ACTIVATIONS = 8_000_000
+def wants_malloc_reuse(mode: str) -> bool:
+    """Whether `train()` applies `host_malloc.reuse_freed_memory()` and a synchronous CPU
+    client (config key `malloc`): `reuse`, `glibc`, or `auto` = when the steps run on the CPU.
 
-
-def wants_malloc_reuse(mode: str, model: Mapping, batch_size: int) -> bool:
-    """Whether `train()` applies `host_malloc.reuse_freed_memory()` (config key `malloc`).
-
-    `auto` is a size rule fitted to three measurements (docs/benchmarks.md, "where the CPU
-    time goes", item 6): `tiny` at batch 64 (0.5M by this product) gained 15% of the step and
-    kept its peak RSS; ViT-S/16 at batch 8 (7.3M) gained 7% at +5% peak RSS; ViT-S/16 at batch
-    32 (29M) gained nothing and its peak RSS went 4.9 -> 11.3 GB (heap fragmentation by a GB-sized
-    temp buffer that is no longer unmapped). So: tune below 8M, leave glibc alone above.
+    On the CPU the tuning removes the page faults of XLA's per-step temp buffer: `tiny` step
+    -15%, ViT-S/16 batch 32 -22% (11.5 -> 9.0 s), same peak RSS (docs/benchmarks.md, "where the
+    CPU time goes", items 6 and 8). With an accelerator the host heap holds no step buffers
+    and its single arena would only serialise the data threads' mallocs.
     """
     if mode not in ("auto", "reuse", "glibc"):
         raise ValueError(f"malloc: {mode!r} must be 'auto', 'reuse' or 'glibc'")
     if mode != "auto":
         return mode == "reuse"
-    tokens = (model["image_size"] // model["patch_size"]) ** 2 + 1
-    size = batch_size * tokens * model["vision_width"] * model["vision_layers"]
-    return size <= MALLOC_REUSE_MAX_ACTIVATIONS
+    return jax_will_run_on_cpu()
+
+
+def jax_will_run_on_cpu(platforms: str | None = None) -> bool:
+    """Whether JAX's default backend will be the CPU, judged without starting it (the malloc
+    settings must precede the client): the first of `jax_platforms` / JAX_PLATFORMS when
+    set, else whether no accelerator plugin (CUDA, ROCm, TPU) is installed."""
+    import importlib.metadata
+    import importlib.util
+    import pkgutil
+    import sys
+
+    if platforms is None:
+        jax = sys.modules.get("jax")  # not imported here: a PyTorch process (the bench) asks too
+        platforms = (jax.config.jax_platforms if jax is not None else None) or os.environ.get(
+            "JAX_PLATFORMS", ""
+        )
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    plugins = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
+    try:
+        import jax_plugins
+
+        plugins += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+    except ImportError:
+        pass
+    return not plugins and importlib.util.find_spec("libtpu") is None
 
 
 def step_compiler_options() -> dict | None:
@@ -485,10 +505,12 @@ def train(
 
     # ---- config, workdir, compatibility
     cfg = resolve_config(config, data, steps)
-    if wants_malloc_reuse(cfg["malloc"], cfg["model"], int(cfg["data"]["batch_size"])):
-        from clocmllm.encoder.host_malloc import reuse_freed_memory
+    if wants_malloc_reuse(cfg["malloc"]):
+        from clocmllm.encoder.host_malloc import reuse_freed_memory, synchronous_cpu_client
 
-        reuse_freed_memory()  # before JAX's CPU client starts its threads (see host_malloc.py)
+        # both before JAX's CPU client starts (see host_malloc.py); no-ops for a running one
+        reuse_freed_memory()
+        synchronous_cpu_client()
     maybe_initialize_distributed(bool(cfg["distributed"]))
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)

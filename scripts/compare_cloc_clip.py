@@ -5,8 +5,8 @@
 Trains `scripts/recipes/tiny_clip.yaml` and `tiny_cloc.yaml` on W (a world made by
 `clocmllm world --out W --train 2000 --eval 200 --seed 0`), then evaluates both on W's
 held-out eval split: the CLIP baseline's regions by RoI-Align, CLOC's by its prompter.
-Expected: ~2 x 6 min on 2 busy CPU cores at the recipes' 800 steps; CLOC's region
-retrieval R@1 well above the CLIP baseline's (figures in docs/pretraining.md).
+Expected: ~4 min on 2 idle CPU cores at the recipes' 800 steps (~2 x 6 min on busy ones);
+region retrieval R@1 0.129 (CLOC) vs 0.015 (CLIP, RoI-Align) (docs/pretraining.md).
 Runs in existing workdirs resume (or are reused when finished).
 `--recipes demo` compares the demo's pair instead (`demo_clip.yaml`, `demo_cloc.yaml`: 1500
 steps; docs/demo.md tuning log runs r9 / r9-clip, on a 4000/300 world).

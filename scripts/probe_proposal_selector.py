@@ -57,7 +57,6 @@ def proposals_and_features(model, split: Path, images: list[str]):
 def examples(split: Path, records: list[dict], with_region_refs: bool) -> list[tuple[int, str, list[float]]]:
     """(image index, expression, unit truth box) for each grounding turn (and region ref)."""
     import torch
-
     from probe_grounding_reader import _EXPR
 
     index = {r["image"]: i for i, r in enumerate(records)}
@@ -128,7 +127,7 @@ def run(model_dir: Path, world: Path, steps: int) -> tuple[float, float, int]:
     print(f"train: {len(targets)} of {len(train)} expressions have a covering proposal", flush=True)
     sel = Selector(f_tr.shape[-1])
     opt = torch.optim.AdamW(sel.parameters(), 2e-3, weight_decay=0.01)
-    for step in range(steps):
+    for _step in range(steps):
         batch = [targets[j] for j in rng.integers(len(targets), size=64)]
         idx = torch.tensor([x[0] for x in batch])
         logits = sel(torch.stack([x[1] for x in batch]), f_tr[idx], s_tr[idx])

@@ -240,3 +240,55 @@ def test_malloc_tuning_reuses_a_big_buffer_freed_by_a_thread():
         runs[mode] = int(out.stdout.split()[-1])
     assert runs["glibc"] > 20_000  # 100 MB / 4 KiB pages, faulted in again
     assert runs["tuned"] < 1_000
+
+
+_XLA_TEMP_SCRIPT = """
+import resource, sys
+if sys.argv[1] == "trainer":  # what train() does on the CPU (malloc: auto)
+    from clocmllm.encoder.host_malloc import reuse_freed_memory, synchronous_cpu_client
+    assert reuse_freed_memory()
+    synchronous_cpu_client()
+import jax, jax.numpy as jnp
+@jax.jit
+def f(x):
+    y = x @ x.T  # a 64 MB temporary, in XLA's per-execution temp buffer
+    return jnp.sum(jnp.tanh(y) @ x)
+x = jnp.ones((4096, 32), jnp.float32) / 64
+f(x).block_until_ready()
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+start, faults = rss(), []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(max(faults[1:]), (rss() - start) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_trainer_cpu_settings_keep_xla_temp_buffer_in_place():
+    """An XLA program's 64 MB temporary is page-faulted in again on every call with glibc's
+    defaults (~16k faults); with the trainer's CPU settings it is reused, and RSS stays flat."""
+    runs = {}
+    for mode in ("glibc", "trainer"):
+        env = {**os.environ, "CLOCMLLM_MALLOC_TUNING": "1", "JAX_PLATFORMS": "cpu"}
+        out = subprocess.run(
+            [sys.executable, "-c", _XLA_TEMP_SCRIPT, mode], capture_output=True, text=True, env=env
+        )
+        assert out.returncode == 0, out.stderr
+        runs[mode] = [int(v) for v in out.stdout.split()[-2:]]
+    assert runs["glibc"][0] > 10_000, runs
+    faults, growth_mb = runs["trainer"]
+    assert faults < 500 and growth_mb < 16, runs
+
+
+def test_malloc_rule_follows_the_jax_platform():
+    """`malloc: auto` tunes when JAX computes on the CPU only; explicit modes win; typos fail."""
+    from clocmllm.encoder.trainer import jax_will_run_on_cpu, wants_malloc_reuse
+
+    assert jax_will_run_on_cpu("cpu") and jax_will_run_on_cpu("CPU,cuda")
+    assert not jax_will_run_on_cpu("cuda,cpu") and not jax_will_run_on_cpu("tpu")
+    assert wants_malloc_reuse("auto") == jax_will_run_on_cpu()
+    assert wants_malloc_reuse("reuse") and not wants_malloc_reuse("glibc")
+    with pytest.raises(ValueError, match="malloc"):
+        wants_malloc_reuse("tcmalloc")

@@ -243,4 +243,6 @@ def test_pool_must_divide_the_grid(world):
     _, tower, _, tok = world
     for bad in (0, 3):
         with pytest.raises(ValueError, match="tower.pool"):
-            build_model(MllmConfig(tower={"path": str(tower), "pool": bad}, llm={"config": tiny.llm_config()}), tok)
+            build_model(
+                MllmConfig(tower={"path": str(tower), "pool": bad}, llm={"config": tiny.llm_config()}), tok
+            )

@@ -170,7 +170,23 @@ def main() -> None:
         help="B,T,D,H,F of the per-layer table (B/16: 8,197,768,12,3072)",
     )
     parser.add_argument("--layer-only", action="store_true", help="skip the whole-model table")
+    parser.add_argument(
+        "--malloc",
+        choices=("auto", "tuned", "glibc"),
+        default="auto",
+        help="glibc malloc settings of the process (both sides): auto = as the trainer's "
+        "`malloc: auto` (tuned on the CPU, encoder/host_malloc.py); glibc = its defaults",
+    )
     args = parser.parse_args()
+    from clocmllm.encoder.trainer import wants_malloc_reuse
+
+    if wants_malloc_reuse({"tuned": "reuse", "glibc": "glibc", "auto": "auto"}[args.malloc]):
+        from clocmllm.encoder.host_malloc import reuse_freed_memory, synchronous_cpu_client
+
+        reuse_freed_memory()  # before either framework starts its threads
+        synchronous_cpu_client()
+    if args.threads == 1 and hasattr(os, "sched_setaffinity"):  # see bench_train_step.py
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if args.threads == 1:  # must be set before jax initialises its CPU client
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"

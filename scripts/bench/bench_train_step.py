@@ -281,11 +281,14 @@ def one(kind: str, preset: str, steps: int) -> None:
     from clocmllm.encoder.trainer import wants_malloc_reuse
 
     mode = {"tuned": "reuse", "glibc": "glibc", "auto": "auto"}[os.environ.get("BENCH_MALLOC", "auto")]
-    if wants_malloc_reuse(mode, model_config(preset).to_dict(), BATCH[preset]):
-        from clocmllm.encoder.host_malloc import reuse_freed_memory
+    if wants_malloc_reuse(mode):
+        from clocmllm.encoder.host_malloc import reuse_freed_memory, synchronous_cpu_client
 
-        # what the trainer does (config `malloc`), applied to both sides (host_malloc.py)
+        # what the trainer does (config `malloc`), applied to both sides (host_malloc.py); the
+        # synchronous client only matters to JAX (PyTorch's eager ops are synchronous anyway)
         reuse_freed_memory()
+        if not kind.endswith("torch"):
+            synchronous_cpu_client()
     if kind.startswith("pieces:"):
         res = {"pieces": (pieces_torch if kind == "pieces:torch" else pieces_jax)(preset, steps)}
     elif kind == "torch":
@@ -324,8 +327,8 @@ def main() -> None:
         choices=("auto", "tuned", "glibc"),
         default="auto",
         help="auto: both sides use the glibc malloc settings when the trainer's `malloc: auto` "
-        "would (clocmllm.encoder.host_malloc, trainer.wants_malloc_reuse: tiny yes, vit_s16 at "
-        "batch 32 no); tuned: always; glibc: never",
+        "would (clocmllm.encoder.host_malloc, trainer.wants_malloc_reuse: whenever JAX runs on "
+        "the CPU); tuned: always; glibc: never",
     )
     ap.add_argument(
         "--phrases",
