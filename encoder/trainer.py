@@ -491,6 +491,7 @@ def train(
 
     from clocmllm.data.problems import ProblemLog
     from clocmllm.encoder import checkpoints as ck
+    from clocmllm.encoder.flops import batch_step_flops
     from clocmllm.encoder.input_pipeline import (
         BatchIterator,
         PhraseDedup,
@@ -657,6 +658,9 @@ def train(
             last = {k: float(v) for k, v in metrics.items()}
             if done % log_every == 0 or done == total or done == start + 1:
                 row = {"step": done, **last, "step_time": dt, "images_per_s": pcfg.batch_size / dt}
+                if cfg["recipe"] == "cloc":  # model FLOP/s of the whole mesh (encoder/flops.py)
+                    seen = host if cfg["mode"] == "cloc" else {"text": host["text"]}
+                    row["model_tflops_per_s"] = batch_step_flops(mc, seen) / dt / 1e12
                 writer.write(row)
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
             if done % every == 0 or done == total:

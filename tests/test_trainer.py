@@ -140,7 +140,9 @@ def test_sigkill_then_resume_matches_uninterrupted(setup, run_a):
 def test_reference_run_learns_and_writes_outputs(run_a):
     rows = [m for m in metrics(run_a) if "loss" in m]
     assert [r["step"] for r in rows] == list(range(1, 9))
-    for key in ("clip_loss", "region_loss", "ground_loss", "lr", "grad_norm", "images_per_s", "step_time"):
+    for key in (
+        "clip_loss", "region_loss", "ground_loss", "lr", "grad_norm", "images_per_s", "step_time", "model_tflops_per_s"
+    ):  # fmt: skip
         assert all(np.isfinite(r[key]) for r in rows), key
     assert rows[-1]["loss"] < rows[0]["loss"]  # the tiny model fits its 16 images
     assert (run_a / "loss.png").stat().st_size > 1000

@@ -4,8 +4,10 @@ Command:  .venv/bin/python scripts/bench/bench_train_step.py [--presets tiny vit
 Expected: ~3 min for tiny, ~6-10 min with vit_s16 on 2 idle cores (much longer when the
 box is loaded). Prints, per preset, the median step time of each variant, its speed relative
 to PyTorch (>1 = faster than PyTorch; process CPU time with `--threads 1`, wall time
-otherwise), the CLOC step's overhead over our CLIP step (M=4), first-compile time and peak
-RSS. Each variant runs in its own subprocess (so peak memory is its own), the variants of a
+otherwise), the CLOC step's overhead over our CLIP step (M=4) next to its model-FLOP
+overhead (`encoder/flops.py`: what the overhead would be if the region work ran at the CLIP
+step's FLOP/s), first-compile time, peak RSS, model GFLOP a step and GFLOP/s achieved.
+Each variant runs in its own subprocess (so peak memory is its own), the variants of a
 preset one after the other; `--rounds 2` repeats the sequence and keeps each variant's best
 median, which evens out load drift.
 `--pieces` times the step's pieces instead (forward+loss, vision tower fwd and fwd+bwd, whole
@@ -105,6 +107,7 @@ def fake_batch(mc, batch: int, m: int = 4) -> dict:
 def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
     import jax
 
+    from clocmllm.encoder.flops import batch_step_flops
     from clocmllm.encoder.input_pipeline import dedup_region_text, trim_region_text
     from clocmllm.encoder.models.clip import CLIP
     from clocmllm.encoder.optimizer import build_optimizer
@@ -144,6 +147,10 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
         jax.block_until_ready(metrics["loss"])
         times.append(clock() - t0)
     out = {"compile_s": compile_s, "step_s": statistics.median(times[1:]), "loss": float(metrics["loss"])}
+    out["model_flops"] = batch_step_flops(mc, host if mode != "clip" else {k: host[k] for k in ("images", "text")})
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    out["xla_flops"] = float(cost.get("flops", 0.0)) if cost else 0.0
     if mode != "clip":
         out["phrases"] = f"{unique}/{host['region_valid'].size}"
         if "region_phrases" in host:
@@ -181,6 +188,8 @@ def run_torch(preset: str, steps: int) -> dict:
     model, opt, pixels, ids = _torch_setup(preset)
     import torch
 
+    from clocmllm.encoder.flops import batch_step_flops
+
     times = []
     for _ in range(steps + 1):
         t0 = clock()
@@ -190,10 +199,12 @@ def run_torch(preset: str, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(clock() - t0)
+    mc = model_config(preset)
     return {
         "compile_s": times[0] - statistics.median(times[1:]),
         "step_s": statistics.median(times[1:]),
         "loss": float(out.loss),
+        "model_flops": batch_step_flops(mc, {"text": fake_batch(mc, BATCH[preset])["text"]}),
     }
 
 
@@ -392,11 +403,17 @@ def main() -> None:
                     best[kind] = res
         torch_s = best.get("torch", {}).get("step_s")
         print(f"\n{preset}: batch {BATCH[preset]}, load {os.getloadavg()[0]:.1f}")
-        print(f"  {'variant':22s} {'step ms':>9s} {'vs torch':>9s} {'compile s':>10s} {'peak MB':>8s}")
+        print(
+            f"  {'variant':22s} {'step ms':>9s} {'vs torch':>9s} {'compile s':>10s} {'peak MB':>8s}"
+            f" {'GFLOP':>7s} {'GFLOP/s':>8s}"
+        )
         for kind, res in best.items():
             ratio = f"{torch_s / res['step_s']:.2f}x" if torch_s else "-"
+            gflop = res.get("model_flops", 0) / 1e9
+            rate = f"{gflop / res['step_s']:8.1f}" if gflop else f"{'-':>8s}"
             print(
                 f"  {kind:22s} {1000 * res['step_s']:9.1f} {ratio:>9s} {res['compile_s']:10.1f} {res['peak_rss_mb']:8.0f}"
+                f" {gflop:7.2f} {rate}"
             )
         for kind, res in best.items():
             if "phrases" in res:
@@ -409,7 +426,11 @@ def main() -> None:
         for cloc, what in whats.items():
             if "jax:clip:einsum" in best and cloc in best:
                 over = best[cloc]["step_s"] / best["jax:clip:einsum"]["step_s"] - 1
-                print(f"  CLOC step overhead over our CLIP step (M=4{what}): {100 * over:+.1f}%")
+                floor = best[cloc]["model_flops"] / best["jax:clip:einsum"]["model_flops"] - 1
+                print(
+                    f"  CLOC step overhead over our CLIP step (M=4{what}): {100 * over:+.1f}% "
+                    f"(model FLOPs {100 * floor:+.1f}%: the overhead at equal FLOP/s)"
+                )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""encoder.flops (the numerator of MFU) against XLA's own count of the compiled programs, and
+the MFU bench's smoke run. Compile only for the big presets (abstract params, nothing runs)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from clocmllm.encoder import flops as F
+from clocmllm.encoder.config import load_model_config
+from clocmllm.encoder.models.clip import CLIP
+
+SMALL_VOCAB = {"vocab_size": 1000, "context_length": 32, "eot_token_id": 999, "pad_token_id": 0}
+
+
+def xla_flops(fn, *abstract) -> float:
+    cost = jax.jit(fn).lower(*abstract).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def abstract_model(preset: str):
+    cfg = load_model_config(preset, SMALL_VOCAB)
+    model = CLIP(cfg)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *model.dummy_inputs(1))["params"])
+    return cfg, model, params
+
+
+@pytest.mark.parametrize("preset,low,high", [("tiny", 1.0, 1.08), ("vit_s16", 1.0, 1.02), ("b16", 1.0, 1.02)])
+def test_vision_forward_flops_match_xla(preset, low, high):
+    """Matmuls counted from the config = XLA's count of the tower, up to its elementwise work
+    (GELU, softmax, LayerNorm: a few % at width 64, <1% at width 384+)."""
+    cfg, model, params = abstract_model(preset)
+    images = jax.ShapeDtypeStruct((4, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    got = xla_flops(lambda p, x: model.apply({"params": p}, x, method="encode_image"), params, images)
+    assert low <= got / F.vision_forward_flops(cfg, 4) <= high
+
+
+def test_text_and_prompter_forward_flops_match_xla():
+    """Text: XLA counts a little less (the last block computes its pooled row only, 1 of 12
+    layers); prompter + grounding head: the same matmuls."""
+    cfg, model, params = abstract_model("vit_s16")
+    ids = jax.ShapeDtypeStruct((8, cfg.context_length), jnp.int32)
+    got = xla_flops(lambda p, t: model.apply({"params": p}, t, method="encode_text"), params, ids)
+    assert 0.9 <= got / F.text_forward_flops(cfg, 8) <= 1.0
+
+    b, m, s = 4, 3, cfg.num_image_tokens
+    tokens = jax.ShapeDtypeStruct((b, s, cfg.vision_width), jnp.float32)
+    boxes = jax.ShapeDtypeStruct((b, m, 4), jnp.float32)
+    text_emb = jax.ShapeDtypeStruct((b, m, cfg.embed_dim), jnp.float32)
+
+    def prompter(p, tok, bx, te):
+        def run(mdl, tok, bx, te):
+            (emb, _), (_, feat) = mdl.region_and_text_prompt_embed(tok, bx, te)
+            return emb, mdl.ground(feat)
+
+        return model.apply({"params": p}, tok, bx, te, method=run)
+
+    got = xla_flops(prompter, params, tokens, boxes, text_emb)
+    assert 0.98 <= got / F.prompter_forward_flops(cfg, b, m) <= 1.05
+
+
+def test_step_flops_add_up_and_peaks_resolve():
+    cfg = load_model_config("b16")
+    clip = F.train_step_flops(cfg, 256)
+    fwd = F.vision_forward_flops(cfg, 256) + F.text_forward_flops(cfg, 256) + 2 * 256 * 256 * cfg.embed_dim
+    assert clip == 3 * fwd
+    # ViT-B/16 at 224 px: the ~17.6 "GFLOPs" usually quoted are multiply-adds, i.e. ~35 GFLOP
+    assert 34.5e9 < F.vision_forward_flops(cfg, 1) < 35.5e9
+    cloc = F.train_step_flops(cfg, 256, regions=4, phrases=1024, phrase_tokens=16)
+    assert 1.05 < cloc / clip < 1.3
+    assert F.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and F.peak_flops("cpu") is None
+
+
+def test_mfu_bench_smoke_run(tmp_path):
+    """The GPU measurement's script runs end to end (tiny, CPU, a given peak) and its MFU is
+    model FLOPs / step time / peak."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
+    import bench_mfu
+
+    res = bench_mfu.main(
+        ["--preset", "tiny", "--batch", "4", "--steps", "1", "--dtype", "float32", "--peak-tflops", "0.5",
+         "--mode", "cloc", "--json", str(tmp_path / "mfu.json")]
+    )  # fmt: skip
+    assert (tmp_path / "mfu.json").is_file() and jnp.isfinite(res["loss"])
+    assert res["mfu"] == pytest.approx(res["model_tflop"] / res["step_s"] / 0.5)
+    assert res["xla_tflops_per_s"] > 0
