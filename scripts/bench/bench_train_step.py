@@ -147,7 +147,9 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
         jax.block_until_ready(metrics["loss"])
         times.append(clock() - t0)
     out = {"compile_s": compile_s, "step_s": statistics.median(times[1:]), "loss": float(metrics["loss"])}
-    out["model_flops"] = batch_step_flops(mc, host if mode != "clip" else {k: host[k] for k in ("images", "text")})
+    out["model_flops"] = batch_step_flops(
+        mc, host if mode != "clip" else {k: host[k] for k in ("images", "text")}
+    )
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     out["xla_flops"] = float(cost.get("flops", 0.0)) if cost else 0.0
