@@ -72,7 +72,9 @@ def measure(preset: str, batch: int, mode: str, dtype: str, steps: int, peak_tfl
     host = fake_batch(mc, batch, mode)
     data = {k: jax.device_put(v) for k, v in host.items()}
     step = jax.jit(
-        make_train_step(model, tx, sched, cfg), donate_argnums=(0,), compiler_options=step_compiler_options()
+        make_train_step(model, tx, sched, cfg),
+        donate_argnums=(0,),
+        compiler_options=step_compiler_options(mc.remat),
     )
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()

@@ -135,7 +135,9 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
     if mode == "clip":
         batch = {k: batch[k] for k in ("images", "text")}
     step = jax.jit(
-        make_train_step(model, tx, sched, cfg), donate_argnums=(0,), compiler_options=step_compiler_options()
+        make_train_step(model, tx, sched, cfg),
+        donate_argnums=(0,),
+        compiler_options=step_compiler_options(mc.remat),
     )
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
