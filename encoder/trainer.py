@@ -388,8 +388,9 @@ def step_compiler_options(remat: bool = False) -> dict | None:
 
     `remat` (the model's `remat: true`) adds XLA CPU's memory-optimised scheduler: its default,
     concurrency-optimised one schedules the recomputed forwards so that the step keeps as much
-    memory as without remat (ViT-S/16 CLOC step, batch 32: temp buffer 3863 MB with and without
-    remat; 2753 MB with remat and this scheduler; docs/benchmarks.md item 8).
+    memory as without remat (ViT-S/16 CLOC step, batch 32: temp buffer 4089 MB without remat,
+    4086 MB with it; 2880 MB with remat and this scheduler; `scripts/bench/bench_step_memory.py
+    temp`, docs/benchmarks.md item 8).
     """
     import jax
 

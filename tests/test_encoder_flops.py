@@ -63,11 +63,9 @@ def test_text_and_prompter_forward_flops_match_xla():
     assert 0.98 <= got / F.prompter_forward_flops(cfg, b, m) <= 1.05
 
 
-def test_step_flops_add_up_and_peaks_resolve():
+def test_step_flops_of_known_sizes_and_peaks():
     cfg = load_model_config("b16")
     clip = F.train_step_flops(cfg, 256)
-    fwd = F.vision_forward_flops(cfg, 256) + F.text_forward_flops(cfg, 256) + 2 * 256 * 256 * cfg.embed_dim
-    assert clip == 3 * fwd
     # ViT-B/16 at 224 px: the ~17.6 "GFLOPs" usually quoted are multiply-adds, i.e. ~35 GFLOP
     assert 34.5e9 < F.vision_forward_flops(cfg, 1) < 35.5e9
     cloc = F.train_step_flops(cfg, 256, regions=4, phrases=1024, phrase_tokens=16)

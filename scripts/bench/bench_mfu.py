@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import numpy as np
 
@@ -50,52 +48,17 @@ def fake_batch(mc, batch: int, mode: str, regions: int = 4, phrase_tokens: int =
 
 def measure(preset: str, batch: int, mode: str, dtype: str, steps: int, peak_tflops: float | None) -> dict:
     import jax
+    from bench_train_step import timed_steps  # the same step as the CPU bench and the trainer
 
     from clocmllm.encoder.config import load_model_config
-    from clocmllm.encoder.flops import peak_flops, train_step_flops
-    from clocmllm.encoder.models.clip import CLIP
-    from clocmllm.encoder.optimizer import build_optimizer
-    from clocmllm.encoder.trainer import (
-        DEFAULTS,
-        abstract_state,
-        deep_merge,
-        make_train_step,
-        step_compiler_options,
-    )
+    from clocmllm.encoder.flops import batch_step_flops, peak_flops
 
     mc = load_model_config(preset, {"dtype": dtype})
-    model = CLIP(mc)
-    cfg = deep_merge(DEFAULTS, {"mode": mode})
-    tx, sched = build_optimizer(cfg["optim"], 1000)
-    _, init = abstract_state(model, tx, 0)
-    state = jax.jit(init)()
     host = fake_batch(mc, batch, mode)
-    data = {k: jax.device_put(v) for k, v in host.items()}
-    step = jax.jit(
-        make_train_step(model, tx, sched, cfg),
-        donate_argnums=(0,),
-        compiler_options=step_compiler_options(mc.remat),
-    )
-    t0 = time.perf_counter()
-    compiled = step.lower(state, data).compile()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps + 1):  # the first run is a warm-up
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, data)
-        jax.block_until_ready(metrics["loss"])
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times[1:])
-    regions = host["region_valid"].shape[1] if mode == "cloc" else 0
-    flops = train_step_flops(
-        mc,
-        batch,
-        mc.context_length,
-        regions=regions,
-        phrases=batch * regions,
-        phrase_tokens=8 if regions else 0,
-    )
-    cost = compiled.cost_analysis()
+    res = timed_steps(mc, mode, host, steps)
+    step_s = res["step_s"]
+    flops = batch_step_flops(mc, host)
+    cost = res["compiled"].cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     device = jax.devices()[0]
     peak = peak_tflops * 1e12 if peak_tflops else peak_flops(device.device_kind)
@@ -105,7 +68,7 @@ def measure(preset: str, batch: int, mode: str, dtype: str, steps: int, peak_tfl
         "dtype": dtype,
         "batch": batch,
         "device": device.device_kind,
-        "compile_s": round(compile_s, 2),
+        "compile_s": round(res["compile_s"], 2),
         "step_s": step_s,
         "images_per_s": batch / step_s,
         "model_tflop": flops / 1e12,
@@ -113,7 +76,7 @@ def measure(preset: str, batch: int, mode: str, dtype: str, steps: int, peak_tfl
         "xla_tflops_per_s": float(cost.get("flops", 0.0)) / step_s / 1e12 if cost else None,
         "peak_tflops": peak / 1e12 if peak else None,
         "mfu": flops / step_s / peak if peak else None,
-        "loss": float(metrics["loss"]),
+        "loss": float(res["metrics"]["loss"]),
     }
 
 

@@ -104,11 +104,13 @@ def fake_batch(mc, batch: int, m: int = 4) -> dict:
     }
 
 
-def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
+def trainer_step(mc, mode: str, compiler_options: dict | None = None):
+    """The trainer's jitted step for a model config, as `train()` builds it on one device
+    (donated state, `step_compiler_options` unless `compiler_options` is given): (step,
+    abstract state, state init function). Shared by this bench, bench_mfu.py and
+    bench_step_memory.py."""
     import jax
 
-    from clocmllm.encoder.flops import batch_step_flops
-    from clocmllm.encoder.input_pipeline import dedup_region_text, trim_region_text
     from clocmllm.encoder.models.clip import CLIP
     from clocmllm.encoder.optimizer import build_optimizer
     from clocmllm.encoder.trainer import (
@@ -119,26 +121,26 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
         step_compiler_options,
     )
 
-    mc = model_config(preset, impl)
     model = CLIP(mc)
-    cfg = deep_merge(DEFAULTS, {"mode": "clip" if mode == "clip" else "cloc"})
+    cfg = deep_merge(DEFAULTS, {"mode": mode})
     tx, sched = build_optimizer(cfg["optim"], 1000)
-    _, init = abstract_state(model, tx, 0)
-    state = jax.jit(init)()
-    host = fake_batch(mc, BATCH[preset])
-    if mode in ("cloc", "cloc_nodedup"):  # as the trainer does: phrases cut after their longest first EOT
-        host = trim_region_text(host, mc.eot_token_id)
-    unique = len(np.unique(host["region_text"].reshape(-1, host["region_text"].shape[-1]), axis=0))
-    if mode == "cloc":  # ... and each distinct phrase encoded once (data.dedup_phrases)
-        host = dedup_region_text(host)
-    batch = {k: jax.numpy.asarray(v) for k, v in host.items()}
-    if mode == "clip":
-        batch = {k: batch[k] for k in ("images", "text")}
+    abstract, init = abstract_state(model, tx, 0)
     step = jax.jit(
         make_train_step(model, tx, sched, cfg),
         donate_argnums=(0,),
-        compiler_options=step_compiler_options(mc.remat),
+        compiler_options=step_compiler_options(mc.remat) if compiler_options is None else compiler_options,
     )
+    return step, abstract, init
+
+
+def timed_steps(mc, mode: str, host: dict, steps: int, clock=time.perf_counter) -> dict:
+    """Compile the trainer's step for `host`, run it steps + 1 times (the first is a warm-up):
+    compile_s, step_s (median), the compiled step and the last metrics."""
+    import jax
+
+    step, _, init = trainer_step(mc, mode)
+    state = jax.jit(init)()
+    batch = {k: jax.device_put(v) for k, v in host.items()}
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -148,13 +150,34 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics["loss"])
         times.append(clock() - t0)
-    out = {"compile_s": compile_s, "step_s": statistics.median(times[1:]), "loss": float(metrics["loss"])}
-    out["model_flops"] = batch_step_flops(
-        mc, host if mode != "clip" else {k: host[k] for k in ("images", "text")}
-    )
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    out["xla_flops"] = float(cost.get("flops", 0.0)) if cost else 0.0
+    return {
+        "compile_s": compile_s,
+        "step_s": statistics.median(times[1:]),
+        "compiled": compiled,
+        "metrics": metrics,
+    }
+
+
+def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
+    from clocmllm.encoder.flops import batch_step_flops
+    from clocmllm.encoder.input_pipeline import dedup_region_text, trim_region_text
+
+    mc = model_config(preset, impl)
+    host = fake_batch(mc, BATCH[preset])
+    if mode in ("cloc", "cloc_nodedup"):  # as the trainer does: phrases cut after their longest first EOT
+        host = trim_region_text(host, mc.eot_token_id)
+    unique = len(np.unique(host["region_text"].reshape(-1, host["region_text"].shape[-1]), axis=0))
+    if mode == "cloc":  # ... and each distinct phrase encoded once (data.dedup_phrases)
+        host = dedup_region_text(host)
+    if mode == "clip":
+        host = {k: host[k] for k in ("images", "text")}
+    res = timed_steps(mc, "clip" if mode == "clip" else "cloc", host, steps, clock)
+    out = {
+        "compile_s": res["compile_s"],
+        "step_s": res["step_s"],
+        "loss": float(res["metrics"]["loss"]),
+        "model_flops": batch_step_flops(mc, host),
+    }
     if mode != "clip":
         out["phrases"] = f"{unique}/{host['region_valid'].size}"
         if "region_phrases" in host:
@@ -203,12 +226,11 @@ def run_torch(preset: str, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(clock() - t0)
-    mc = model_config(preset)
     return {
         "compile_s": times[0] - statistics.median(times[1:]),
         "step_s": statistics.median(times[1:]),
         "loss": float(out.loss),
-        "model_flops": batch_step_flops(mc, {"text": fake_batch(mc, BATCH[preset])["text"]}),
+        "model_flops": batch_step_flops(model_config(preset), {"text": ids}),
     }
 
 
