@@ -20,7 +20,7 @@ import yaml
 PRESETS = ("tiny", "vit_s16", "b16", "l14", "l14_336", "h14")
 ACTIVATIONS = ("quick_gelu", "gelu")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("einsum", "dot_product", "einsum_bthd")
+ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "cudnn", "einsum_bthd")
 
 
 class ConfigError(ValueError):
@@ -78,10 +78,12 @@ class ModelConfig:
     dtype: str = "float32"
     eot_token_id: int = 49407
     pad_token_id: int = 0
-    # 'einsum': [B, H, T, Dh] einsum attention with f32 softmax (default); 'dot_product':
-    # jax.nn.dot_product_attention (lets XLA/cuDNN fuse on GPU); 'einsum_bthd': stock Flax
-    # layout, a benchmark baseline. See scripts/bench/bench_encoder_attention.py.
-    attention_impl: str = "einsum"
+    # 'auto' (default): 'cudnn' on a GPU in bf16/f16, 'einsum' otherwise. 'einsum': [B, H, T,
+    # Dh] einsum attention with f32 softmax; 'dot_product': jax.nn.dot_product_attention
+    # (XLA's composition); 'cudnn': the same with cuDNN's fused flash attention (GPU, half
+    # precision only); 'einsum_bthd': stock Flax layout, a benchmark baseline. Same function
+    # (`models.transformer.resolve_attention`; scripts/bench/bench_encoder_attention.py).
+    attention_impl: str = "auto"
     # Rematerialise each transformer block in the backward pass (saves activation memory).
     remat: bool = False
     # CLIP's temperature init (1/0.07) and SigLIP's bias init; both are learned scalars.

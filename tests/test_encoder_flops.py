@@ -86,3 +86,42 @@ def test_mfu_bench_smoke_run(tmp_path):
     assert (tmp_path / "mfu.json").is_file() and jnp.isfinite(res["loss"])
     assert res["mfu"] == pytest.approx(res["model_tflop"] / res["step_s"] / 0.5)
     assert res["xla_tflops_per_s"] > 0
+
+
+def test_trace_summary_counts_device_streams_once(tmp_path, capsys):
+    """The profile table (scripts/bench/trace_summary.py) sums the CUDA stream's kernels by
+    class and leaves out the device's derived lines ("XLA Ops") that repeat them."""
+    import gzip
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
+    import trace_summary
+
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #14(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}},
+    ]
+    kernels = [("nvjet_sm90_tst_128x160_NNT", 0, 600), ("cudnn_generated_sdpa_flash_fprop", 600, 200),
+               ("input_reduce_fusion_3", 800, 100), ("loop_multiply_fusion_2", 950, 50)]  # fmt: skip
+    events = meta + [{"ph": "X", "pid": 1, "tid": 7, "ts": ts, "dur": d, "name": n} for n, ts, d in kernels]
+    events += [{"ph": "X", "pid": 1, "tid": 8, "ts": 0, "dur": 950, "name": "fusion.1"},  # derived line
+               {"ph": "X", "pid": 2, "tid": 3, "ts": 0, "dur": 5000, "name": "python"}]  # fmt: skip
+    folder = tmp_path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    res = trace_summary.main([str(tmp_path), "--steps", "1"])
+    assert res["busy_ms"] == pytest.approx(0.95) and res["span_ms"] == pytest.approx(1.0)
+    assert res["classes"] == pytest.approx(
+        {
+            "GEMM (cuBLAS / CUTLASS)": 0.6,
+            "attention (cuDNN / flash)": 0.2,
+            "reduction fusion": 0.1,
+            "elementwise / loop fusion": 0.05,
+        }  # fmt: skip
+    )
+    assert "Stream #14" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="perfetto_trace"):
+        trace_summary.main([str(tmp_path / "plugins" / "missing")])

@@ -327,3 +327,68 @@ def test_narrowing_linear_gradients_match_autodiff():
     want = jax.jit(jax.vjp(jnp.dot, x, w)[1])(dy)
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t, causal", [(13, False), (13, True), (16, False)])
+def test_padded_attention_equals_unpadded(t, causal):
+    """The 'cudnn' impl pads odd sequence lengths (cuDNN's flash kernel refuses them in
+    training) and masks the padding by sequence lengths: same output and gradients as plain
+    attention. Checked through XLA's implementation here; the GPU runs cuDNN's."""
+    from clocmllm.encoder.models.transformer import _core_forward, padded_dot_product_attention
+
+    q, k, v, dy = (jax.random.normal(kk, (3, t, 2, 8)) for kk in jax.random.split(jax.random.key(t), 4))
+
+    def ref(q, k, v):
+        bhtd = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
+        return bhtd(_core_forward(bhtd(q), bhtd(k), bhtd(v), causal)[0])
+
+    def padded(q, k, v):
+        return padded_dot_product_attention(q, k, v, causal, None, multiple=8)
+
+    assert padded(q, k, v).shape == q.shape
+    y_ref, g_ref = jax.value_and_grad(lambda *a: jnp.sum(ref(*a) * dy), argnums=(0, 1, 2))(q, k, v)
+    y_pad, g_pad = jax.value_and_grad(lambda *a: jnp.sum(padded(*a) * dy), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(y_pad, y_ref, rtol=1e-5)
+    for a, b in zip(g_pad, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_auto_resolves_by_backend_and_dtype(monkeypatch):
+    from clocmllm.encoder.models import transformer as T
+
+    assert T.resolve_attention("auto", jnp.bfloat16) == "einsum"  # this CPU
+    assert T.resolve_attention("dot_product", jnp.bfloat16) == "dot_product"
+    monkeypatch.setattr(T.jax, "default_backend", lambda: "gpu")
+    assert T.resolve_attention("auto", jnp.bfloat16) == "cudnn"
+    assert T.resolve_attention("auto", jnp.float16) == "cudnn"
+    assert T.resolve_attention("auto", jnp.float32) == "einsum"  # cuDNN flash needs half precision
+
+
+def test_generic_kernels_give_the_cpu_kernels_loss_and_gradients(tiny, monkeypatch):
+    """The XLA-CPU-tuned backwards (custom VJPs, barriers; used on CPU) and plain autodiff
+    (used on GPU/TPU, `cpu_kernels()`) are the same function: equal loss and gradients."""
+    cfg, _, v, images, ids = tiny
+    model = CLIP(cfg)
+
+    def loss(params):
+        out = model.apply({"params": params}, images, ids)
+        return jnp.sum(out["image_emb"] @ out["text_emb"].T) + jnp.sum(out["image_emb"] ** 2)
+
+    results, programs = {}, {}
+    for kernels in ("cpu", "generic"):
+        monkeypatch.setenv("CLOCMLLM_KERNELS", kernels)
+        programs[kernels] = jax.jit(jax.grad(loss)).lower(v["params"]).as_text()
+        results[kernels] = jax.jit(jax.value_and_grad(loss))(v["params"])  # traced anew: jit sees a new fn
+    # two different programs: the CPU one fences its reductions and transposes in every block;
+    # the generic one only the ones-vector of the two position-embedding GEMVs (`add_positions`)
+    assert programs["cpu"].count("optimization_barrier") > 10
+    assert programs["generic"].count("optimization_barrier") == 2
+    (l_cpu, g_cpu), (l_gen, g_gen) = results["cpu"], results["generic"]
+    np.testing.assert_allclose(l_gen, l_cpu, rtol=1e-5)
+    flat_cpu, flat_gen = jax.tree.leaves(g_cpu), jax.tree.leaves(g_gen)
+    assert len(flat_cpu) == len(flat_gen) > 10
+    for a, b in zip(flat_gen, flat_cpu, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max() + 1e-12))
+    monkeypatch.setenv("CLOCMLLM_KERNELS", "fast")
+    with pytest.raises(ValueError, match="CLOCMLLM_KERNELS"):
+        jax.jit(loss)(v["params"])

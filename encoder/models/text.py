@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from clocmllm.encoder.config import ModelConfig
 from clocmllm.encoder.models.transformer import (
     LayerNorm,
+    add_positions,
     block_class,
     block_kwargs,
     normal,
@@ -51,7 +52,7 @@ class TextTower(nn.Module):
         t = token_ids.shape[-1]
         if t > c.context_length:
             raise ValueError(f"token_ids: length {t} exceeds context_length {c.context_length}")
-        x = self.token_embed(token_ids) + self.pos_embed[:t].astype(jnp.dtype(c.dtype))
+        x = add_positions(self.token_embed(token_ids).astype(jnp.dtype(c.dtype)), self.pos_embed[:t])
         n = c.text_layers
         for i in range(n - 1):
             x = getattr(self, f"layer_{i}")(x)

@@ -23,13 +23,20 @@ Speed choices (XLA CPU, where a plain Flax CLIP lost to PyTorch in the backward 
   (`narrowing_linear`) are computed from a materialised transpose instead;
 - the text tower's last block computes q, scores and `out` at the pooled row only
   (`Attention.at_rows`), and the prompter's prefix computes no q (`_qkv_columns`).
-`attention_impl='dot_product'` swaps in `jax.nn.dot_product_attention`, and
+These backwards are XLA CPU tuning: on other backends (`cpu_kernels()`) the same functions
+run through plain autodiff and flax's Dense, which XLA GPU fuses better (the barriers split
+fusions, and cuBLAS reads transposed operands for free; ViT-B/16 bf16 step on an H100:
+docs/benchmarks.md "Encoder training step: MFU").
+`attention_impl='dot_product'` swaps in `jax.nn.dot_product_attention` (XLA's composition),
+'cudnn' the same with cuDNN's fused flash-attention kernel (GPU, bf16/f16 only), 'auto'
+(the default) picks 'cudnn' on a GPU in half precision and 'einsum' otherwise, and
 'einsum_bthd' the stock Flax [B, T, H, Dh] layout, for comparison
 (scripts/bench/bench_encoder_attention.py).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import partial
 
@@ -38,6 +45,60 @@ import jax
 import jax.numpy as jnp
 
 Dtype = jnp.dtype
+
+
+def cpu_kernels() -> bool:
+    """Whether to trace the XLA-CPU-tuned backwards (custom VJPs, barriers, transposes).
+
+    Decided at trace time from the backend the program compiles for; the environment
+    variable CLOCMLLM_KERNELS=cpu|generic forces one side (benchmarks compare both). Both
+    sides compute the same function; only the gradient's program differs.
+    """
+    forced = os.environ.get("CLOCMLLM_KERNELS", "auto")
+    if forced not in ("auto", "cpu", "generic"):
+        raise ValueError(f"CLOCMLLM_KERNELS={forced!r}: expected auto, cpu or generic")
+    return forced == "cpu" or (forced == "auto" and jax.default_backend() == "cpu")
+
+
+def add_positions(x: jax.Array, pos: jax.Array) -> jax.Array:
+    """x [B, T, D] + pos [T, D] (position embeddings), in x's dtype.
+
+    Off CPU the gradient of `pos` is a GEMV (ones[B] @ dy) instead of a reduce over the batch
+    axis: XLA GPU's layout assignment gave that reduce a batch-minor operand layout and
+    propagated it up the whole residual stream ([T, D, B]: a transpose into and out of every
+    GEMM and strided LayerNorm reductions in the ViT-B/16 step's profile).
+    """
+    if cpu_kernels():
+        return x + pos.astype(x.dtype)
+    return _add_positions_gemv(x, pos)
+
+
+@jax.custom_vjp
+def _add_positions_gemv(x: jax.Array, pos: jax.Array) -> jax.Array:
+    return x + pos.astype(x.dtype)
+
+
+def _add_positions_fwd(x, pos):
+    return x + pos.astype(x.dtype), pos
+
+
+def _add_positions_bwd(pos, dy):
+    # the barrier keeps XLA from folding dot(ones, dy) back into a reduce
+    ones = jax.lax.optimization_barrier(jnp.ones((dy.shape[0],), dy.dtype))
+    dpos = jnp.einsum("b,btd->td", ones, dy, preferred_element_type=jnp.float32)
+    return dy, dpos.astype(pos.dtype)
+
+
+_add_positions_gemv.defvjp(_add_positions_fwd, _add_positions_bwd)
+
+
+def resolve_attention(impl: str, dtype: Dtype) -> str:
+    """'auto' -> 'cudnn' on a GPU in bf16/f16 (cuDNN's flash attention needs half precision),
+    'einsum' otherwise; any other value is returned as is."""
+    if impl != "auto":
+        return impl
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and jax.default_backend() == "gpu" else "einsum"
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -78,7 +139,7 @@ def dense_2d(layer: nn.Module, x: jax.Array) -> jax.Array:
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[-1] > layer.features and layer.use_bias and not layer.is_initializing():
+    if x2.shape[-1] > layer.features and cpu_kernels() and layer.use_bias and not layer.is_initializing():
         # the bias is added outside: its gradient (a row sum) stays autodiff's
         p = layer.variables["params"]
         dt = layer.dtype or x.dtype
@@ -168,7 +229,10 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,))
         bias = self.param("bias", nn.initializers.zeros, (d,))
-        return layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
+        x = x.astype(self.dtype)
+        if not cpu_kernels():  # autodiff through the same forward (see module docstring)
+            return _ln_fwd(x, scale, bias, self.epsilon)[0]
+        return layer_norm(x, scale, bias, self.epsilon)
 
 
 class MLP(nn.Module):
@@ -222,6 +286,30 @@ def _core_forward(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> tup
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.einsum("...qk,...kd->...qd", probs.astype(v.dtype), v), probs
+
+
+def padded_dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, implementation: str | None, multiple: int = 8
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` on [B, T, H, Dh] with T padded up to a multiple of `multiple`.
+
+    cuDNN's fused (flash) attention refuses odd sequence lengths in training, and ViT-B/16's
+    197 tokens and CLIP's 77 text tokens are odd. The padded keys are masked out through
+    `key_value_seq_lengths` (and padded queries through `query_seq_lengths`), and the padded
+    rows are cut from the output, so the result and its gradient equal unpadded attention.
+    """
+    b, t = q.shape[:2]
+    pad = -t % multiple
+    if pad == 0:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
+    lengths = jnp.full((b,), t, jnp.int32)
+    y = jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )  # fmt: skip
+    return y[:, :t]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -303,14 +391,20 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> [B, T, D]."""
         qkv = dense_2d(self.qkv, x)
-        if self.impl == "dot_product":
+        impl = resolve_attention(self.impl, self.dtype)
+        if impl in ("dot_product", "cudnn"):
             b, t, _ = qkv.shape
             q, k, v = jnp.split(qkv.reshape(b, t, 3 * self.heads, -1), 3, axis=2)
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+            if impl == "cudnn":
+                y = padded_dot_product_attention(q, k, v, self.causal, "cudnn", multiple=8)
+            else:
+                y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
             return dense_2d(self.out, y.reshape(b, t, self.width))
-        if self.impl == "einsum_bthd":
+        if impl == "einsum_bthd":
             return dense_2d(self.out, self._bthd(qkv))
         q, k, v = _split_heads(qkv, self.heads)
+        if not cpu_kernels():  # autodiff through the same forward (see module docstring)
+            return dense_2d(self.out, _merge_heads(_core_forward(q, k, v, self.causal)[0]))
         return dense_2d(self.out, _merge_heads(attention_core(q, k, v, self.causal)))
 
     def _bthd(self, qkv: jax.Array) -> jax.Array:

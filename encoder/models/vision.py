@@ -13,8 +13,10 @@ import jax.numpy as jnp
 from clocmllm.encoder.config import ModelConfig
 from clocmllm.encoder.models.transformer import (
     LayerNorm,
+    add_positions,
     block_class,
     block_kwargs,
+    cpu_kernels,
     narrowing_linear,
     scaled_width_init,
 )
@@ -41,8 +43,8 @@ class PatchEmbed(nn.Module):
         x = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b * gh * gw, p * p * c).astype(self.dtype)  # 2-D: XLA CPU's fast GEMM path
         kernel = kernel.reshape(p * p * c, self.width).astype(self.dtype)
-        # p*p*3 > width (tiny, ViT-S/16): the faster weight-gradient form (`narrowing_linear`)
-        y = narrowing_linear(x, kernel) if p * p * c > self.width else x @ kernel
+        # p*p*3 > width (tiny, ViT-S/16): the faster weight-gradient form on XLA CPU (`narrowing_linear`)
+        y = narrowing_linear(x, kernel) if p * p * c > self.width and cpu_kernels() else x @ kernel
         return y.reshape(b, gh * gw, self.width)
 
 
@@ -81,7 +83,7 @@ class VisionTower(nn.Module):
         if c.class_token:
             cls = jnp.broadcast_to(self.class_embedding.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)
-        x = self.pre_ln(x + self.pos_embed.astype(x.dtype))
+        x = self.pre_ln(add_positions(x, self.pos_embed))
         states = [x]
         for i in range(c.vision_layers):
             x = getattr(self, f"layer_{i}")(x)

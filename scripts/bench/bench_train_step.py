@@ -135,7 +135,7 @@ def trainer_step(mc, mode: str, compiler_options: dict | None = None):
 
 def timed_steps(mc, mode: str, host: dict, steps: int, clock=time.perf_counter) -> dict:
     """Compile the trainer's step for `host`, run it steps + 1 times (the first is a warm-up):
-    compile_s, step_s (median), the compiled step and the last metrics."""
+    compile_s, step_s (median), the compiled step, the last metrics, state and device batch."""
     import jax
 
     step, _, init = trainer_step(mc, mode)
@@ -155,6 +155,8 @@ def timed_steps(mc, mode: str, host: dict, steps: int, clock=time.perf_counter) 
         "step_s": statistics.median(times[1:]),
         "compiled": compiled,
         "metrics": metrics,
+        "state": state,
+        "batch": batch,
     }
 
 
