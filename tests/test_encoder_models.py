@@ -362,6 +362,8 @@ def test_attention_auto_resolves_by_backend_and_dtype(monkeypatch):
     assert T.resolve_attention("auto", jnp.bfloat16) == "cudnn"
     assert T.resolve_attention("auto", jnp.float16) == "cudnn"
     assert T.resolve_attention("auto", jnp.float32) == "einsum"  # cuDNN flash needs half precision
+    assert T.resolve_attention("auto", jnp.bfloat16, head_dim=768) == "einsum"  # a 1-head prompter at B/16
+    assert T.resolve_attention("auto", jnp.bfloat16, head_dim=20) == "einsum"  # not a multiple of 8
 
 
 def test_generic_kernels_give_the_cpu_kernels_loss_and_gradients(tiny, monkeypatch):

@@ -92,13 +92,15 @@ def _add_positions_bwd(pos, dy):
 _add_positions_gemv.defvjp(_add_positions_fwd, _add_positions_bwd)
 
 
-def resolve_attention(impl: str, dtype: Dtype) -> str:
-    """'auto' -> 'cudnn' on a GPU in bf16/f16 (cuDNN's flash attention needs half precision),
-    'einsum' otherwise; any other value is returned as is."""
+def resolve_attention(impl: str, dtype: Dtype, head_dim: int = 64) -> str:
+    """'auto' -> 'cudnn' on a GPU in bf16/f16 with a head dim cuDNN's flash kernel takes (a
+    multiple of 8, at most 128 on every generation), 'einsum' otherwise; any other value is
+    returned as is (an explicit 'cudnn' that cuDNN refuses fails with cuDNN's message)."""
     if impl != "auto":
         return impl
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if half and jax.default_backend() == "gpu" else "einsum"
+    flash_head = head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if half and flash_head and jax.default_backend() == "gpu" else "einsum"
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -391,7 +393,7 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> [B, T, D]."""
         qkv = dense_2d(self.qkv, x)
-        impl = resolve_attention(self.impl, self.dtype)
+        impl = resolve_attention(self.impl, self.dtype, self.width // self.heads)
         if impl in ("dot_product", "cudnn"):
             b, t, _ = qkv.shape
             q, k, v = jnp.split(qkv.reshape(b, t, 3 * self.heads, -1), 3, axis=2)
