@@ -356,14 +356,75 @@ def test_padded_attention_equals_unpadded(t, causal):
 def test_attention_auto_resolves_by_backend_and_dtype(monkeypatch):
     from clocmllm.encoder.models import transformer as T
 
-    assert T.resolve_attention("auto", jnp.bfloat16) == "einsum"  # this CPU
+    monkeypatch.setattr(T.jax, "default_backend", lambda: "cpu")
+    assert T.resolve_attention("auto", jnp.bfloat16) == "einsum"
     assert T.resolve_attention("dot_product", jnp.bfloat16) == "dot_product"
-    monkeypatch.setattr(T.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(T, "cuda_flash_gpu", lambda: True)
     assert T.resolve_attention("auto", jnp.bfloat16) == "cudnn"
     assert T.resolve_attention("auto", jnp.float16) == "cudnn"
     assert T.resolve_attention("auto", jnp.float32) == "einsum"  # cuDNN flash needs half precision
     assert T.resolve_attention("auto", jnp.bfloat16, head_dim=768) == "einsum"  # a 1-head prompter at B/16
     assert T.resolve_attention("auto", jnp.bfloat16, head_dim=20) == "einsum"  # not a multiple of 8
+    monkeypatch.setattr(T, "cuda_flash_gpu", lambda: False)  # ROCm, or a pre-Ampere CUDA card
+    assert T.resolve_attention("auto", jnp.bfloat16) == "einsum"
+
+
+def test_cuda_flash_gpu_reads_the_device(monkeypatch):
+    from clocmllm.encoder.models import transformer as T
+
+    class Client:
+        platform_version = "cuda 13000"
+
+    class Device:
+        client = Client()
+        compute_capability = "9.0"
+
+    monkeypatch.setattr(T.jax, "devices", lambda: [Device()])
+    monkeypatch.setattr(T.jax, "default_backend", lambda: "gpu")
+    assert T.cuda_flash_gpu()
+    Device.compute_capability = "7.5"
+    assert not T.cuda_flash_gpu()
+    Device.compute_capability, Client.platform_version = "9.0", "rocm 6.2"
+    assert not T.cuda_flash_gpu()
+    monkeypatch.setattr(T.jax, "default_backend", lambda: "cpu")
+    assert not T.cuda_flash_gpu()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cudnn_attention_wiring_equals_einsum(tiny, monkeypatch, dtype):
+    """The 'cudnn' path of `Attention` (fused QKV split to [B, T, H, Dh]; tiny's 65 image
+    tokens padded to 72; the causal text) gives the einsum model's loss and gradients.
+    cuDNN itself needs a GPU: its call is swapped for XLA's here, so this checks our wiring
+    and masking, not cuDNN's kernel."""
+    from clocmllm.encoder.models import transformer as T
+
+    padded = T.padded_dot_product_attention
+    calls = []
+
+    def xla(q, k, v, causal, implementation, multiple=8):
+        calls.append((q.shape, causal, implementation))
+        return padded(q, k, v, causal, None, multiple)
+
+    monkeypatch.setattr(T, "padded_dot_product_attention", xla)
+    cfg, _, v, images, ids = tiny
+
+    def loss_and_grad(impl):
+        model = CLIP(cfg.replace(attention_impl=impl, dtype=dtype))
+
+        def loss(params):
+            out = model.apply({"params": params}, images, ids)
+            return jnp.sum(out["image_emb"] @ out["text_emb"].T)
+
+        return jax.jit(jax.value_and_grad(loss))(v["params"])
+
+    (l_ref, g_ref), (l_cud, g_cud) = loss_and_grad("einsum"), loss_and_grad("cudnn")
+    assert {c[2] for c in calls} == {"cudnn"} and {c[1] for c in calls} == {False, True}
+    assert any(shape[1] % 8 for shape, _, _ in calls)  # an odd length was padded
+    tol = 5e-2 if dtype == "bfloat16" else 1e-5
+    np.testing.assert_allclose(l_cud, l_ref, rtol=tol)
+    for a, b in zip(jax.tree.leaves(g_cud), jax.tree.leaves(g_ref), strict=True):
+        scale = float(jnp.abs(b).max()) + 1e-12
+        assert float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max()) <= tol * scale
 
 
 def test_generic_kernels_give_the_cpu_kernels_loss_and_gradients(tiny, monkeypatch):

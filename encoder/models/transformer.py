@@ -23,15 +23,17 @@ Speed choices (XLA CPU, where a plain Flax CLIP lost to PyTorch in the backward 
   (`narrowing_linear`) are computed from a materialised transpose instead;
 - the text tower's last block computes q, scores and `out` at the pooled row only
   (`Attention.at_rows`), and the prompter's prefix computes no q (`_qkv_columns`).
-These backwards are XLA CPU tuning: on other backends (`cpu_kernels()`) the same functions
-run through plain autodiff and flax's Dense, which XLA GPU fuses better (the barriers split
-fusions, and cuBLAS reads transposed operands for free; ViT-B/16 bf16 step on an H100:
-docs/benchmarks.md "Encoder training step: MFU").
-`attention_impl='dot_product'` swaps in `jax.nn.dot_product_attention` (XLA's composition),
-'cudnn' the same with cuDNN's fused flash-attention kernel (GPU, bf16/f16 only), 'auto'
-(the default) picks 'cudnn' on a GPU in half precision and 'einsum' otherwise, and
-'einsum_bthd' the stock Flax [B, T, H, Dh] layout, for comparison
-(scripts/bench/bench_encoder_attention.py).
+These backwards are XLA CPU tuning. On other backends (`cpu_kernels()`), the same functions
+run through plain autodiff and flax's Dense. On an H100 that made no measurable difference
+(ViT-B/16 bf16 step, 138.0 vs 137.1 ms; docs/benchmarks.md, "Encoder training step: MFU").
+They are off there anyway: their barriers and materialised transposes only constrain XLA
+GPU, whose cuBLAS calls read transposed operands for free. Off CPU, the position
+embeddings' gradient is a GEMV (`add_positions`), which was measured to help.
+`attention_impl='dot_product'` swaps in `jax.nn.dot_product_attention` (XLA's composition).
+'cudnn' does the same with cuDNN's fused flash-attention kernel (CUDA GPUs, bf16/f16 only).
+'auto' (the default) picks 'cudnn' where that kernel runs (`resolve_attention`) and
+'einsum' otherwise. 'einsum_bthd' is the stock Flax [B, T, H, Dh] layout, kept for
+comparison (scripts/bench/bench_encoder_attention.py).
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ Dtype = jnp.dtype
 def cpu_kernels() -> bool:
     """Whether to trace the XLA-CPU-tuned backwards (custom VJPs, barriers, transposes).
 
-    Decided at trace time from the backend the program compiles for; the environment
-    variable CLOCMLLM_KERNELS=cpu|generic forces one side (benchmarks compare both). Both
-    sides compute the same function; only the gradient's program differs.
+    Decided at trace time from `jax.default_backend()`. This is the backend of the trainer's
+    jitted steps; a `jit(..., backend=...)` or an explicit placement on another backend is
+    not seen. The environment variable CLOCMLLM_KERNELS=cpu|generic forces one side, so
+    benchmarks can compare both. `cpu` also puts back the plain reduce for the position
+    embeddings' gradient (`add_positions`). Both sides compute the same function; only the
+    gradient's program differs.
     """
     forced = os.environ.get("CLOCMLLM_KERNELS", "auto")
     if forced not in ("auto", "cpu", "generic"):
@@ -93,14 +98,32 @@ _add_positions_gemv.defvjp(_add_positions_fwd, _add_positions_bwd)
 
 
 def resolve_attention(impl: str, dtype: Dtype, head_dim: int = 64) -> str:
-    """'auto' -> 'cudnn' on a GPU in bf16/f16 with a head dim cuDNN's flash kernel takes (a
-    multiple of 8, at most 128 on every generation), 'einsum' otherwise; any other value is
-    returned as is (an explicit 'cudnn' that cuDNN refuses fails with cuDNN's message)."""
+    """'auto' -> 'cudnn' where cuDNN's flash kernel runs, 'einsum' otherwise.
+
+    cuDNN's flash kernel needs all of: a CUDA GPU of compute capability 8.0 or later (ROCm
+    also reports backend 'gpu'; older cards have no flash kernel), bf16 or f16, and a head
+    dim that is a multiple of 8 and at most 128. 128 is the limit on every generation.
+    Any other value is returned as is. An explicit 'cudnn' that cuDNN refuses fails with
+    cuDNN's message.
+    """
     if impl != "auto":
         return impl
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     flash_head = head_dim % 8 == 0 and head_dim <= 128
-    return "cudnn" if half and flash_head and jax.default_backend() == "gpu" else "einsum"
+    return "cudnn" if half and flash_head and cuda_flash_gpu() else "einsum"
+
+
+def cuda_flash_gpu() -> bool:
+    """Whether JAX's default device is a CUDA GPU with compute capability >= 8.0 (Ampere+)."""
+    if jax.default_backend() != "gpu":
+        return False
+    device = jax.devices()[0]
+    if "cuda" not in str(getattr(device.client, "platform_version", "")).lower():
+        return False
+    try:
+        return float(getattr(device, "compute_capability", "0")) >= 8.0
+    except ValueError:
+        return False
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -381,7 +404,7 @@ class Attention(nn.Module):
     heads: int
     layers: int
     causal: bool = False
-    impl: str = "einsum"
+    impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
@@ -508,7 +531,7 @@ class Block(nn.Module):
     eps: float = 1e-5
     layers: int = 1  # depth of the stack, for the residual-projection init scale
     causal: bool = False
-    impl: str = "einsum"
+    impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     def setup(self) -> None:

@@ -2,15 +2,16 @@
 Hugging Face `CLIPModel` (PyTorch, bf16 autocast) timed side by side as the peer.
 
 Command (GPU machine), the whole comparison:
-    python scripts/bench/bench_mfu.py --preset b16 --batch 256 --steps 20 \
-        --variants ceiling jax:clip:einsum jax:clip:dot_product jax:cloc:einsum torch:clip
+    python scripts/bench/bench_mfu.py --preset b16 --batch 256 --steps 20 --variants ceiling \
+        jax:clip:auto jax:cloc:auto torch:clip jax:clip:einsum jax:clip:einsum:cpu torch_compile:clip
 Expected: ~6 min on one H100 (each variant compiles in its own process, 30-75 s); prints one
 row a variant: step time, images/s, model TFLOP/s, MFU = model FLOP/s / the chip's dense bf16
 peak (`encoder/flops.py` table, or `--peak-tflops`), the same over the bf16 matmul rate
 measured in this run (`ceiling`: an 8192^3 bf16 product), and the speed relative to the
 PyTorch peer (>1 = faster). The issue's target for B/16 in bf16 is MFU >= 40%; measured on
-an H100 (2026-11-23): 31.2% (102 ms a step, 1.5x eager PyTorch, 0.96x torch.compile), table
-and history in docs/benchmarks.md ("Encoder training step: MFU").
+an H100 (2026-11-23): 31.2% in a single 10-step run (102 ms a step; ~1.5x eager PyTorch and
+0.96x torch.compile against their figures from an earlier run); table and history in
+docs/benchmarks.md ("Encoder training step: MFU").
 One variant, the older interface: `--preset b16 --batch 256 --dtype bfloat16 --steps 20`.
 On a CPU there is no peak in the table: pass `--peak-tflops`, e.g. the smoke run the tests use,
 `--preset tiny --batch 8 --steps 2 --peak-tflops 0.1`.

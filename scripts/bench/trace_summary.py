@@ -6,7 +6,9 @@ holds a `perfetto_trace.json.gz`). Expected: a second; prints the device's busy 
 by kernel class (GEMM, attention, fusions, ...), the idle share of the traced span, and the
 costliest kernels. Kernel classes are read off kernel names (cuBLAS/CUTLASS GEMMs, cuDNN
 attention, XLA fusions, Triton), so they are a guide, not an exact attribution. On a CPU
-trace (no device process) it summarises the host threads' XLA events instead.
+trace (no device process) it lists the host's events instead. These nest (Python frames
+around XLA thunks), so their sum overstates the busy time there: read only the kernel list.
+With several concurrent device streams, the busy time can also exceed the span.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def load_events(folder: Path) -> tuple[list[dict], str]:
     files = sorted(folder.rglob("perfetto_trace.json.gz"))
     if not files:
         raise SystemExit(f"{folder}: no perfetto_trace.json.gz under it (bench_mfu.py --profile writes one)")
-    data = json.load(gzip.open(files[-1]))
+    with gzip.open(files[-1], "rt") as f:
+        data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     procs = {
         e["pid"]: e["args"].get("name", "")
@@ -78,7 +81,7 @@ def summarise(folder: Path, steps: int, top: int) -> dict:
         by_class[kernel_class(name)] += us
     print(f"{folder}: {where}; {len(events)} events over {steps} steps")
     print(f"  traced span {span / steps / 1000:.1f} ms a step, kernels busy {total / steps / 1000:.1f} ms a step "
-          f"(idle or overlapped: {100 * (1 - total / span):.1f}% of the span)")  # fmt: skip
+          f"(idle: {100 * (1 - total / span):.1f}% of the span; negative = streams overlapped)")  # fmt: skip
     print(f"  {'class':30s} {'ms/step':>8s} {'share':>6s}")
     for label, us in by_class.most_common():
         print(f"  {label:30s} {us / steps / 1000:8.2f} {100 * us / total:5.1f}%")
