@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from clocmllm.encoder.host_malloc import jax_will_run_on_cpu
+
 log = logging.getLogger("clocmllm.encoder.trainer")
 
 # ======================================================================== config
@@ -349,32 +351,6 @@ def wants_malloc_reuse(mode: str) -> bool:
     if mode != "auto":
         return mode == "reuse"
     return jax_will_run_on_cpu()
-
-
-def jax_will_run_on_cpu(platforms: str | None = None) -> bool:
-    """Whether JAX's default backend will be the CPU, judged without starting it (the malloc
-    settings must precede the client): the first of `jax_platforms` / JAX_PLATFORMS when
-    set, else whether no accelerator plugin (CUDA, ROCm, TPU) is installed."""
-    import importlib.metadata
-    import importlib.util
-    import pkgutil
-    import sys
-
-    if platforms is None:
-        jax = sys.modules.get("jax")  # not imported here: a PyTorch process (the bench) asks too
-        platforms = (jax.config.jax_platforms if jax is not None else None) or os.environ.get(
-            "JAX_PLATFORMS", ""
-        )
-    if platforms:
-        return platforms.split(",")[0].strip().lower() == "cpu"
-    plugins = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
-    try:
-        import jax_plugins
-
-        plugins += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
-    except ImportError:
-        pass
-    return not plugins and importlib.util.find_spec("libtpu") is None
 
 
 def step_compiler_options(remat: bool = False) -> dict | None:

@@ -307,7 +307,8 @@ def test_config_yaml_round_trip_and_errors(tmp_path):
 def test_attention_core_gradients_match_autodiff(t, causal):
     """The hand-written backward (transposed dk/dv GEMMs up to TRANSPOSED_GRAD_MAX_T, the
     plain einsums above) equals autodiff through the forward."""
-    from clocmllm.encoder.models.transformer import TRANSPOSED_GRAD_MAX_T, _core_forward, attention_core
+    from clocmllm.encoder.models.transformer import TRANSPOSED_GRAD_MAX_T, _core_forward
+    from clocmllm.encoder.models.transformer import _attention_core_cpu as attention_core
 
     assert (t <= TRANSPOSED_GRAD_MAX_T) == (t < 100)
     rng = np.random.default_rng(t)
@@ -319,7 +320,7 @@ def test_attention_core_gradients_match_autodiff(t, causal):
 
 
 def test_narrowing_linear_gradients_match_autodiff():
-    from clocmllm.encoder.models.transformer import narrowing_linear
+    from clocmllm.encoder.models.transformer import _narrowing_linear_cpu as narrowing_linear
 
     rng = np.random.default_rng(0)
     x, w, dy = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((37, 24), (24, 8), (37, 8)))
@@ -357,16 +358,18 @@ def test_attention_auto_resolves_by_backend_and_dtype(monkeypatch):
     from clocmllm.encoder.models import transformer as T
 
     monkeypatch.setattr(T.jax, "default_backend", lambda: "cpu")
-    assert T.resolve_attention("auto", jnp.bfloat16) == "einsum"
-    assert T.resolve_attention("dot_product", jnp.bfloat16) == "dot_product"
+    assert T.resolve_attention("auto", jnp.bfloat16, head_dim=64) == "einsum"
+    assert T.resolve_attention("dot_product", jnp.bfloat16, head_dim=64) == "dot_product"
     monkeypatch.setattr(T, "cuda_flash_gpu", lambda: True)
-    assert T.resolve_attention("auto", jnp.bfloat16) == "cudnn"
-    assert T.resolve_attention("auto", jnp.float16) == "cudnn"
-    assert T.resolve_attention("auto", jnp.float32) == "einsum"  # cuDNN flash needs half precision
+    assert T.resolve_attention("auto", jnp.bfloat16, head_dim=64) == "cudnn"
+    assert T.resolve_attention("auto", jnp.float16, head_dim=64) == "cudnn"
+    assert (
+        T.resolve_attention("auto", jnp.float32, head_dim=64) == "einsum"
+    )  # cuDNN flash needs half precision
     assert T.resolve_attention("auto", jnp.bfloat16, head_dim=768) == "einsum"  # a 1-head prompter at B/16
     assert T.resolve_attention("auto", jnp.bfloat16, head_dim=20) == "einsum"  # not a multiple of 8
     monkeypatch.setattr(T, "cuda_flash_gpu", lambda: False)  # ROCm, or a pre-Ampere CUDA card
-    assert T.resolve_attention("auto", jnp.bfloat16) == "einsum"
+    assert T.resolve_attention("auto", jnp.bfloat16, head_dim=64) == "einsum"
 
 
 def test_cuda_flash_gpu_reads_the_device(monkeypatch):

@@ -282,13 +282,17 @@ def test_trainer_cpu_settings_keep_xla_temp_buffer_in_place():
     assert faults < 500 and growth_mb < 16, runs
 
 
-def test_malloc_rule_follows_the_jax_platform():
+def test_malloc_rule_follows_the_jax_platform(monkeypatch):
     """`malloc: auto` tunes when JAX computes on the CPU only; explicit modes win; typos fail."""
-    from clocmllm.encoder.trainer import jax_will_run_on_cpu, wants_malloc_reuse
+    from clocmllm.encoder import trainer
+    from clocmllm.encoder.host_malloc import jax_will_run_on_cpu
+    from clocmllm.encoder.trainer import wants_malloc_reuse
 
     assert jax_will_run_on_cpu("cpu") and jax_will_run_on_cpu("CPU,cuda")
     assert not jax_will_run_on_cpu("cuda,cpu") and not jax_will_run_on_cpu("tpu")
-    assert wants_malloc_reuse("auto") == jax_will_run_on_cpu()
-    assert wants_malloc_reuse("reuse") and not wants_malloc_reuse("glibc")
+    for on_cpu in (True, False):
+        monkeypatch.setattr(trainer, "jax_will_run_on_cpu", lambda on_cpu=on_cpu: on_cpu)
+        assert wants_malloc_reuse("auto") is on_cpu
+        assert wants_malloc_reuse("reuse") and not wants_malloc_reuse("glibc")
     with pytest.raises(ValueError, match="malloc"):
         wants_malloc_reuse("tcmalloc")

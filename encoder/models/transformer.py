@@ -57,7 +57,9 @@ def cpu_kernels() -> bool:
     not seen. The environment variable CLOCMLLM_KERNELS=cpu|generic forces one side, so
     benchmarks can compare both. `cpu` also puts back the plain reduce for the position
     embeddings' gradient (`add_positions`). Both sides compute the same function; only the
-    gradient's program differs.
+    gradient's program differs. Read only by the kernels that have a CPU form
+    (`layer_norm`, `narrowing_linear`, `attention_core`, `add_positions`): each picks its
+    own, so modules call them without a backend test.
     """
     forced = os.environ.get("CLOCMLLM_KERNELS", "auto")
     if forced not in ("auto", "cpu", "generic"):
@@ -97,7 +99,7 @@ def _add_positions_bwd(pos, dy):
 _add_positions_gemv.defvjp(_add_positions_fwd, _add_positions_bwd)
 
 
-def resolve_attention(impl: str, dtype: Dtype, head_dim: int = 64) -> str:
+def resolve_attention(impl: str, dtype: Dtype, head_dim: int) -> str:
     """'auto' -> 'cudnn' where cuDNN's flash kernel runs, 'einsum' otherwise.
 
     cuDNN's flash kernel needs all of: a CUDA GPU of compute capability 8.0 or later (ROCm
@@ -164,7 +166,7 @@ def dense_2d(layer: nn.Module, x: jax.Array) -> jax.Array:
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[-1] > layer.features and cpu_kernels() and layer.use_bias and not layer.is_initializing():
+    if x2.shape[-1] > layer.features and layer.use_bias and not layer.is_initializing():
         # the bias is added outside: its gradient (a row sum) stays autodiff's
         p = layer.variables["params"]
         dt = layer.dtype or x.dtype
@@ -174,10 +176,15 @@ def dense_2d(layer: nn.Module, x: jax.Array) -> jax.Array:
     return y.reshape(*lead, y.shape[-1])
 
 
-@jax.custom_vjp
 def narrowing_linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [N, I] @ kernel [I, O] for I > O (MLP fc2, patch embedding), with the weight
-    gradient computed as (dy^T x)^T on a materialised dy^T [O, N].
+    """x [N, I] @ kernel [I, O] for I > O (MLP fc2, patch embedding): on CPU with the
+    hand-written weight gradient of `_narrowing_linear_cpu`, elsewhere a plain dot."""
+    return _narrowing_linear_cpu(x, kernel) if cpu_kernels() else jnp.dot(x, kernel)
+
+
+@jax.custom_vjp
+def _narrowing_linear_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x @ kernel with the weight gradient computed as (dy^T x)^T on a materialised dy^T [O, N].
 
     The plain weight gradient x^T dy contracts the row axis of both operands; XLA CPU runs
     it as a generic `dot` thunk at about half the speed of its YNNPACK GEMMs. Fenced by
@@ -189,7 +196,7 @@ def narrowing_linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _narrowing_fwd(x, kernel):
-    return narrowing_linear(x, kernel), (x, kernel)
+    return jnp.dot(x, kernel), (x, kernel)
 
 
 def _narrowing_bwd(res, dy):
@@ -199,12 +206,18 @@ def _narrowing_bwd(res, dy):
     return dy @ kernel.T, dkernel
 
 
-narrowing_linear.defvjp(_narrowing_fwd, _narrowing_bwd)
+_narrowing_linear_cpu.defvjp(_narrowing_fwd, _narrowing_bwd)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, statistics in float32: on CPU with the hand-written
+    backward of `_layer_norm_cpu`, elsewhere autodiff through the same forward."""
+    return _layer_norm_cpu(x, scale, bias, eps) if cpu_kernels() else _ln_fwd(x, scale, bias, eps)[0]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm over the last axis, statistics in float32, with a hand-written backward.
+def _layer_norm_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """`layer_norm` with a hand-written backward.
 
     Two-pass mean/variance (as PyTorch; flax's default one-pass E[x^2] - E[x]^2 differs by
     rounding only). The backward is the closed form
@@ -240,7 +253,7 @@ def _ln_bwd(eps, res, dy):
     return dx.astype(dy.dtype), dscale, dbias
 
 
-layer_norm.defvjp(lambda x, s, b, eps: _ln_fwd(x, s, b, eps), _ln_bwd)
+_layer_norm_cpu.defvjp(lambda x, s, b, eps: _ln_fwd(x, s, b, eps), _ln_bwd)
 
 
 class LayerNorm(nn.Module):
@@ -254,10 +267,7 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,))
         bias = self.param("bias", nn.initializers.zeros, (d,))
-        x = x.astype(self.dtype)
-        if not cpu_kernels():  # autodiff through the same forward (see module docstring)
-            return _ln_fwd(x, scale, bias, self.epsilon)[0]
-        return layer_norm(x, scale, bias, self.epsilon)
+        return layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
 
 
 class MLP(nn.Module):
@@ -337,8 +347,14 @@ def padded_dot_product_attention(
     return y[:, :t]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
 def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) -> jax.Array:
+    """softmax(q k^T / sqrt(Dh)) v on [..., H, T, Dh]: on CPU with the hand-written backward
+    of `_attention_core_cpu`, elsewhere autodiff through the same forward."""
+    return _attention_core_cpu(q, k, v, causal) if cpu_kernels() else _core_forward(q, k, v, causal)[0]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention_core_cpu(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) -> jax.Array:
     """Scaled-dot-product attention core with a hand-written backward.
 
     Forward is exactly the autodiff version. The backward saves only the float32 probs and
@@ -394,7 +410,7 @@ def _core_bwd(causal, res, dy):
     return dq, dk, dv
 
 
-attention_core.defvjp(_core_fwd, _core_bwd)
+_attention_core_cpu.defvjp(_core_fwd, _core_bwd)
 
 
 class Attention(nn.Module):
@@ -428,8 +444,6 @@ class Attention(nn.Module):
         if impl == "einsum_bthd":
             return dense_2d(self.out, self._bthd(qkv))
         q, k, v = _split_heads(qkv, self.heads)
-        if not cpu_kernels():  # autodiff through the same forward (see module docstring)
-            return dense_2d(self.out, _merge_heads(_core_forward(q, k, v, self.causal)[0]))
         return dense_2d(self.out, _merge_heads(attention_core(q, k, v, self.causal)))
 
     def _bthd(self, qkv: jax.Array) -> jax.Array:

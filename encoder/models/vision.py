@@ -16,7 +16,6 @@ from clocmllm.encoder.models.transformer import (
     add_positions,
     block_class,
     block_kwargs,
-    cpu_kernels,
     narrowing_linear,
     scaled_width_init,
 )
@@ -44,7 +43,7 @@ class PatchEmbed(nn.Module):
         x = x.reshape(b * gh * gw, p * p * c).astype(self.dtype)  # 2-D: XLA CPU's fast GEMM path
         kernel = kernel.reshape(p * p * c, self.width).astype(self.dtype)
         # p*p*3 > width (tiny, ViT-S/16): the faster weight-gradient form on XLA CPU (`narrowing_linear`)
-        y = narrowing_linear(x, kernel) if p * p * c > self.width and cpu_kernels() else x @ kernel
+        y = narrowing_linear(x, kernel) if p * p * c > self.width else x @ kernel
         return y.reshape(b, gh * gw, self.width)
 
 

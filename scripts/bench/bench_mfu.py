@@ -62,10 +62,33 @@ def fake_batch(mc, batch: int, mode: str, regions: int = 4, phrase_tokens: int =
     return out
 
 
-def _peak(device_kind: str, peak_tflops: float | None) -> float | None:
+def step_row(variant: str, mc_batch: tuple, device: str, versions: str, timing: tuple, loss: float,
+             peak_tflops: float | None, xla_flops: float | None = None) -> dict:  # fmt: skip
+    """One table row for either side: `mc_batch` = (preset, mode, dtype, batch, model FLOPs of
+    a step), `timing` = (compile s, median step s); MFU against `peak_tflops` or the table."""
     from clocmllm.encoder.flops import peak_flops
 
-    return peak_tflops * 1e12 if peak_tflops else peak_flops(device_kind)
+    preset, mode, dtype, batch, flops = mc_batch
+    compile_s, step_s = timing
+    peak = peak_tflops * 1e12 if peak_tflops else peak_flops(device)
+    return {
+        "variant": variant,
+        "preset": preset,
+        "mode": mode,
+        "dtype": dtype,
+        "batch": batch,
+        "device": device,
+        "versions": versions,
+        "compile_s": round(compile_s, 2),
+        "step_s": step_s,
+        "images_per_s": batch / step_s,
+        "model_tflop": flops / 1e12,
+        "model_tflops_per_s": flops / step_s / 1e12,
+        "xla_tflops_per_s": xla_flops / step_s / 1e12 if xla_flops else None,
+        "peak_tflops": peak / 1e12 if peak else None,
+        "mfu": flops / step_s / peak if peak else None,
+        "loss": loss,
+    }
 
 
 def measure(
@@ -93,30 +116,18 @@ def measure(
             for _ in range(3):
                 state, metrics = res["compiled"](state, res["batch"])
             jax.block_until_ready(metrics["loss"])
-    step_s = res["step_s"]
-    flops = batch_step_flops(mc, host)
     cost = res["compiled"].cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    device = jax.devices()[0]
-    peak = _peak(device.device_kind, peak_tflops)
-    return {
-        "variant": f"jax:{mode}:{attention}",
-        "preset": preset,
-        "mode": mode,
-        "dtype": dtype,
-        "batch": batch,
-        "device": device.device_kind,
-        "versions": f"jax {jax.__version__}",
-        "compile_s": round(res["compile_s"], 2),
-        "step_s": step_s,
-        "images_per_s": batch / step_s,
-        "model_tflop": flops / 1e12,
-        "model_tflops_per_s": flops / step_s / 1e12,
-        "xla_tflops_per_s": float(cost.get("flops", 0.0)) / step_s / 1e12 if cost else None,
-        "peak_tflops": peak / 1e12 if peak else None,
-        "mfu": flops / step_s / peak if peak else None,
-        "loss": float(res["metrics"]["loss"]),
-    }
+    return step_row(
+        f"jax:{mode}:{attention}",
+        (preset, mode, dtype, batch, batch_step_flops(mc, host)),
+        jax.devices()[0].device_kind,
+        f"jax {jax.__version__}",
+        (res["compile_s"], res["step_s"]),
+        float(res["metrics"]["loss"]),
+        peak_tflops,
+        float(cost.get("flops", 0.0)) if cost else None,
+    )
 
 
 def measure_torch(
@@ -124,25 +135,15 @@ def measure_torch(
 ) -> dict:
     """The peer: HF `CLIPModel` of the preset's sizes, f32 params, autocast to `dtype`."""
     import torch
-    from transformers import CLIPConfig, CLIPModel
+    import transformers
+    from bench_train_step import hf_clip_model  # the same peer as the CPU bench
 
     from clocmllm.encoder.config import load_model_config
     from clocmllm.encoder.flops import batch_step_flops
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     mc = load_model_config(preset)
-    common = {"hidden_act": mc.hidden_act, "layer_norm_eps": mc.layer_norm_eps, "attention_dropout": 0.0}
-    cfg = CLIPConfig(
-        text_config={"vocab_size": mc.vocab_size, "hidden_size": mc.text_width, "intermediate_size": mc.text_mlp_dim,
-                     "num_hidden_layers": mc.text_layers, "num_attention_heads": mc.text_heads,
-                     "max_position_embeddings": mc.context_length, "eos_token_id": mc.eot_token_id,
-                     "pad_token_id": mc.pad_token_id, "bos_token_id": 1, **common},
-        vision_config={"hidden_size": mc.vision_width, "intermediate_size": mc.vision_mlp_dim,
-                       "num_hidden_layers": mc.vision_layers, "num_attention_heads": mc.vision_heads,
-                       "image_size": mc.image_size, "patch_size": mc.patch_size, **common},
-        projection_dim=mc.embed_dim,
-    )  # fmt: skip
-    model = CLIPModel(cfg).to(dev).train()
+    model = hf_clip_model(mc).to(dev)
     opt = torch.optim.AdamW(
         model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, fused=dev == "cuda"
     )
@@ -169,29 +170,15 @@ def measure_torch(
         sync()
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[3:])
-    flops = batch_step_flops(mc, host)
-    kind = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    peak = _peak(kind, peak_tflops)
-    import transformers
-
-    return {
-        "variant": "torch_compile:clip" if compile_ else "torch:clip",
-        "preset": preset,
-        "mode": "clip",
-        "dtype": dtype,
-        "batch": batch,
-        "device": kind,
-        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
-        "compile_s": round(times[0] - step_s, 2),
-        "step_s": step_s,
-        "images_per_s": batch / step_s,
-        "model_tflop": flops / 1e12,
-        "model_tflops_per_s": flops / step_s / 1e12,
-        "xla_tflops_per_s": None,
-        "peak_tflops": peak / 1e12 if peak else None,
-        "mfu": flops / step_s / peak if peak else None,
-        "loss": float(loss),
-    }
+    return step_row(
+        "torch_compile:clip" if compile_ else "torch:clip",
+        (preset, "clip", dtype, batch, batch_step_flops(mc, host)),
+        torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        f"torch {torch.__version__}, transformers {transformers.__version__}",
+        (times[0] - step_s, step_s),
+        float(loss),
+        peak_tflops,
+    )
 
 
 def matmul_ceiling(dtype: str, n: int) -> dict:
@@ -264,7 +251,7 @@ def sweep(args) -> list[dict]:
     device = rows[0]["device"] if rows else "?"
     print(f"\n{args.preset}, batch {args.batch}, {args.dtype}, {args.steps} steps (median) on {device}")
     if ceiling:
-        print(f"  measured {args.dtype} matmul ceiling ({args.ceiling_n}^3): {ceiling:.0f} TFLOP/s")
+        print(f"  measured {args.dtype} matmul ceiling ({args.ceiling_n}^3): {ceiling:.3g} TFLOP/s")
     head = f"  {'variant':26s} {'step ms':>8s} {'img/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'of ceil':>8s} {'vs torch':>9s} {'compile s':>9s}"
     print(head)
     for r in rows:
@@ -275,15 +262,13 @@ def sweep(args) -> list[dict]:
         vs = f"{peer / r['step_s']:.2f}x" if peer and r["mode"] == "clip" else ("-" if not peer else "(cloc)")
         print(f"  {r['variant']:26s} {1000 * r['step_s']:8.1f} {r['images_per_s']:8.1f} "
               f"{r['model_tflops_per_s']:8.3g} {mfu:>6s} {of_ceil:>8s} {vs:>9s} {r['compile_s']:9.1f}")  # fmt: skip
-    jax_rows = [r for r in rows if r["variant"].startswith("jax:")]
-    clip = next((r for r in jax_rows if r["mode"] == "clip"), None)
-    cloc = (
-        next((r for r in jax_rows if r["mode"] == "cloc" and r["variant"][9:] == clip["variant"][9:]), None)
-        if clip
-        else None
-    )
+    attention = {r["variant"]: r["variant"].split(":", 2)[2] for r in rows if r["variant"].startswith("jax:")}
+    clip = next((r for r in rows if r["variant"] in attention and r["mode"] == "clip"), None)
+    cloc = next((r for r in rows if r["variant"] in attention and r["mode"] == "cloc"
+                 and clip and attention[r["variant"]] == attention[clip["variant"]]), None)  # fmt: skip
     if clip and cloc:
-        print(f"  CLOC step overhead over our CLIP step (M=4, {clip['variant'][9:]}): {100 * (cloc['step_s'] / clip['step_s'] - 1):+.1f}% "
+        print(f"  CLOC step overhead over our CLIP step (M=4, {attention[clip['variant']]}): "
+              f"{100 * (cloc['step_s'] / clip['step_s'] - 1):+.1f}% "
               f"(model FLOPs {100 * (cloc['model_tflop'] / clip['model_tflop'] - 1):+.1f}%)")  # fmt: skip
     return rows
 

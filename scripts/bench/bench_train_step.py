@@ -187,25 +187,32 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
     return out
 
 
-def _torch_setup(preset: str):
-    """HF CLIPModel of the preset's sizes, its AdamW, and the batch as torch tensors."""
-    import torch
+def hf_clip_model(mc):
+    """HF `CLIPModel` of a ModelConfig's sizes (vocabulary, context and EOT included), in
+    training mode: the PyTorch peer of this bench and of bench_mfu.py."""
     from transformers import CLIPConfig, CLIPModel
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
-    mc = model_config(preset)
     common = {"hidden_act": mc.hidden_act, "layer_norm_eps": mc.layer_norm_eps, "attention_dropout": 0.0}
     cfg = CLIPConfig(
-        text_config={"vocab_size": VOCAB, "hidden_size": mc.text_width, "intermediate_size": mc.text_mlp_dim,
+        text_config={"vocab_size": mc.vocab_size, "hidden_size": mc.text_width, "intermediate_size": mc.text_mlp_dim,
                      "num_hidden_layers": mc.text_layers, "num_attention_heads": mc.text_heads,
-                     "max_position_embeddings": CONTEXT, "eos_token_id": VOCAB - 1, "pad_token_id": 0,
-                     "bos_token_id": 1, **common},
+                     "max_position_embeddings": mc.context_length, "eos_token_id": mc.eot_token_id,
+                     "pad_token_id": mc.pad_token_id, "bos_token_id": 1, **common},
         vision_config={"hidden_size": mc.vision_width, "intermediate_size": mc.vision_mlp_dim,
                        "num_hidden_layers": mc.vision_layers, "num_attention_heads": mc.vision_heads,
                        "image_size": mc.image_size, "patch_size": mc.patch_size, **common},
         projection_dim=mc.embed_dim,
     )  # fmt: skip
-    model = CLIPModel(cfg).train()
+    return CLIPModel(cfg).train()
+
+
+def _torch_setup(preset: str):
+    """HF CLIPModel of the preset's sizes, its AdamW, and the batch as torch tensors."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    mc = model_config(preset)
+    model = hf_clip_model(mc)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
     b = fake_batch(mc, BATCH[preset])
     pixels = torch.from_numpy(b["images"]).permute(0, 3, 1, 2).contiguous()
