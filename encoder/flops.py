@@ -6,7 +6,11 @@ activations (`model.remat`) or does extra elementwise work is not credited for i
 `compiled.cost_analysis()["flops"]` counts what the program does instead; the two agree on
 the matrix multiplies (tested). Convention: matmuls only, 2 FLOPs a multiply-add; the
 backward costs twice the forward, so a step is 3x the forward. Attention counts the full
-T x T scores for the causal text tower too (what the einsum computes).
+T x T scores for the causal text tower too (what the einsum computes). Rows that nobody
+reads are not counted: a tower whose last block runs at its pooled row only (the text
+tower always, the vision tower in the CLIP step) is counted that way, so MFU is not
+credited with work the step skips. (Until session 8 both last blocks were counted in full:
++6.6% on the ViT-B/16 CLIP step; docs/benchmarks.md says which figures used which count.)
 """
 
 from __future__ import annotations
@@ -14,39 +18,75 @@ from __future__ import annotations
 from clocmllm.encoder.config import ModelConfig
 
 
-def tower_forward_flops(batch: int, tokens: int, width: int, layers: int, mlp_dim: int) -> int:
+def tower_forward_flops(
+    batch: int, tokens: int, width: int, layers: int, mlp_dim: int, pooled: bool = False
+) -> int:
     """Transformer stack: per layer the fused QKV and output projections (4 D^2 a token),
-    the MLP (2 D F a token) and the two attention matmuls (2 T D a token)."""
+    the MLP (2 D F a token) and the two attention matmuls (2 T D a token). `pooled`: the
+    last layer runs at one row a sequence (`Block.at_rows`): keys and values of all T
+    tokens, the query, scores, output projection and MLP of that row."""
     per_token = 4 * width * width + 2 * width * mlp_dim + 2 * tokens * width
-    return 2 * batch * layers * tokens * per_token
+    if not pooled or not layers:
+        return 2 * batch * layers * tokens * per_token
+    last = 2 * tokens * width * width + 2 * width * width + 2 * width * mlp_dim + 2 * tokens * width
+    return 2 * batch * ((layers - 1) * tokens * per_token + last)
 
 
-def vision_forward_flops(cfg: ModelConfig, batch: int) -> int:
-    """Patch embedding + blocks + the image projection."""
+def vision_forward_flops(cfg: ModelConfig, batch: int, pooled: bool = False) -> int:
+    """Patch embedding + blocks + the image projection. `pooled`: the embedding alone
+    (`VisionTower.embed`: the last block at the class token; the CLIP step), else all
+    tokens (`tokens`, which CLOC's prompter reads)."""
     patch = 2 * batch * cfg.num_patches * (3 * cfg.patch_size**2) * cfg.vision_width
     blocks = tower_forward_flops(
-        batch, cfg.num_image_tokens, cfg.vision_width, cfg.vision_layers, cfg.vision_mlp_dim
+        batch,
+        cfg.num_image_tokens,
+        cfg.vision_width,
+        cfg.vision_layers,
+        cfg.vision_mlp_dim,
+        pooled=pooled and cfg.class_token,
     )
     return patch + blocks + 2 * batch * cfg.vision_width * cfg.embed_dim
 
 
 def text_forward_flops(cfg: ModelConfig, batch: int, tokens: int | None = None) -> int:
-    """Blocks + the text projection (the embedding lookup is a gather, 0 FLOPs)."""
+    """Blocks, the last one at the EOT row (`TextTower`), + the text projection (the
+    embedding lookup is a gather, 0 FLOPs)."""
     t = tokens or cfg.context_length
-    blocks = tower_forward_flops(batch, t, cfg.text_width, cfg.text_layers, cfg.text_mlp_dim)
+    blocks = tower_forward_flops(batch, t, cfg.text_width, cfg.text_layers, cfg.text_mlp_dim, pooled=True)
     return blocks + 2 * batch * cfg.text_width * cfg.embed_dim
+
+
+def absorb_prefix(seq: int, width: int, heads: int, queries: int) -> bool:
+    """Whether prompts attend to a shared prefix more cheaply through the absorbed form.
+
+    The plain form projects the S prefix tokens to keys and values (4 S D^2 FLOPs an image)
+    and attends at head width (4 Q S D for Q query rows). The absorbed form never makes
+    prefix keys or values: scores are (q_h Wk_h^T) . x, and the output (sum_k p x_k) Wv_h,
+    the bias terms added exactly. It costs 4 Q D^2 for the two folds and 4 Q H S D to
+    attend at full width in each head. The prompter has few query rows an image (3 M: two
+    box corners and one text prompt a region) against S image tokens, so at one head the
+    absorbed form is several times cheaper (ViT-B/16: ~13x). Same result up to rounding.
+    """
+    plain = seq * width * width + queries * seq * width
+    absorbed = queries * width * width + queries * heads * seq * width
+    return absorbed < plain
 
 
 def prompter_forward_flops(cfg: ModelConfig, batch: int, regions: int) -> int:
     """CLOC's prompter for `regions` box prompts (2 tokens) and as many text prompts (1 token)
-    an image: image keys/values once an image, then one block over the prompt tokens, which
-    attend to the image tokens and to their own prompt; plus the grounding head."""
-    d, s = cfg.vision_width, cfg.num_image_tokens
-    kv = 2 * batch * s * 2 * d * d
-    flops = kv
+    an image: one block over the prompt tokens, which attend to the image tokens and to their
+    own prompt, plus the grounding head. The image side is the form the model runs
+    (`absorb_prefix`): image keys/values once an image, or the absorbed
+    form's two folds of the 3M query rows through Wk and Wv and full-width scores per head."""
+    d, s, h = cfg.vision_width, cfg.num_image_tokens, cfg.prompter_heads
+    queries = 3 * regions
+    absorbed = absorb_prefix(s, d, h, queries)
+    flops = 0 if absorbed else 2 * batch * s * 2 * d * d
     for p in (2, 1):  # box prompt, text prompt
         n = batch * regions * p
-        flops += 2 * n * (4 * d * d + 2 * d * cfg.vision_mlp_dim) + 2 * 2 * n * (s + p) * d
+        flops += 2 * n * (4 * d * d + 2 * d * cfg.vision_mlp_dim)  # qkv, out, MLP
+        flops += 2 * 2 * n * p * d  # scores and mix over its own prompt tokens
+        flops += 2 * 2 * n * (h * s * d + d * d) if absorbed else 2 * 2 * n * s * d
     n = batch * regions
     flops += 2 * (2 * n) * (4 * cfg.prompter_freqs) * d  # two corners' sinusoids -> width
     flops += 2 * n * cfg.embed_dim * d + 2 * 2 * n * d * cfg.embed_dim  # text_in; proj of both
@@ -68,7 +108,7 @@ def train_step_flops(
     distinct phrase once). The contrastive logits (B x B x E) are counted; losses' elementwise
     work is not.
     """
-    fwd = vision_forward_flops(cfg, batch) + text_forward_flops(cfg, batch, text_tokens)
+    fwd = vision_forward_flops(cfg, batch, pooled=not regions) + text_forward_flops(cfg, batch, text_tokens)
     fwd += 2 * batch * batch * cfg.embed_dim
     if regions:
         fwd += prompter_forward_flops(cfg, batch, regions)

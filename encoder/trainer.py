@@ -267,20 +267,21 @@ def make_loss_fn(model, cfg: dict):
     text_filter = float(cfg["cloc"]["text_filter"])
 
     def forward(m, batch):
+        if mode != "cloc":  # the embedding alone: the last vision block at the class token only
+            return {"image_emb": m.encode_image(batch["images"]), "text_emb": m.encode_text(batch["text"])}
         tokens = m.encode_image_tokens(batch["images"])
         out = {"image_emb": m.pool_image(tokens), "text_emb": m.encode_text(batch["text"])}
-        if mode == "cloc":
-            # region phrases use their own (shorter) token length, so a separate tower call
-            if "region_phrase_index" in batch:  # distinct phrases once (`dedup_region_text`)
-                rtext = m.encode_text(batch["region_phrases"])[batch["region_phrase_index"]]
-            else:
-                b, mm, t = batch["region_text"].shape
-                rtext = m.encode_text(batch["region_text"].reshape(b * mm, t)).reshape(b, mm, -1)
-            out["region_text_emb"] = rtext
-            (out["region_emb"], _), (_, feat) = m.region_and_text_prompt_embed(
-                tokens, batch["region_boxes"], rtext
-            )
-            out["pred_boxes"] = m.ground(feat)
+        # region phrases use their own (shorter) token length, so a separate tower call
+        if "region_phrase_index" in batch:  # distinct phrases once (`dedup_region_text`)
+            rtext = m.encode_text(batch["region_phrases"])[batch["region_phrase_index"]]
+        else:
+            b, mm, t = batch["region_text"].shape
+            rtext = m.encode_text(batch["region_text"].reshape(b * mm, t)).reshape(b, mm, -1)
+        out["region_text_emb"] = rtext
+        (out["region_emb"], _), (_, feat) = m.region_and_text_prompt_embed(
+            tokens, batch["region_boxes"], rtext
+        )
+        out["pred_boxes"] = m.ground(feat)
         return out
 
     def loss_fn(params, batch):

@@ -270,6 +270,101 @@ def test_prompter_equals_full_sequence_block(tiny):
     np.testing.assert_allclose(feat, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("heads", [1, 4])
+def test_prefix_attention_forms_equal_the_full_sequence_block(heads, monkeypatch):
+    """`Block.with_prefix` in its absorbed form (no prefix keys/values; q folded through Wk,
+    the mixed tokens through Wv) and in its plain form: the outputs of the last P positions
+    of one block over each [prefix ; prompt] sequence, and the same gradients for params,
+    prompts and prefix; with a per-prompt key bias, the two forms agree with each other."""
+    from clocmllm.encoder.models import transformer as T
+
+    b, m, p, s, d = 2, 3, 2, 7, 16
+    block = Block(d, heads, 4 * d)
+    rng = np.random.default_rng(heads)
+    x, prefix = (jnp.asarray(rng.normal(size=sh), jnp.float32) for sh in ((b, m, p, d), (b, s, d)))
+    params = jax.jit(block.init)(jax.random.key(0), jnp.zeros((1, s + p, d)))["params"]
+    # non-zero k/v biases: the absorbed form adds q.bk and sum(p_prefix) bv back explicitly
+    params = jax.tree_util.tree_map(
+        lambda a: a + 0.1 * jnp.asarray(rng.normal(size=a.shape), a.dtype), params
+    )
+    bias = jnp.where(jnp.asarray(rng.random((b, m, s)) < 0.3), -1e9, 0.0)
+    dy = jnp.asarray(rng.normal(size=(b, m, p, d)), jnp.float32)
+
+    def full(pr, x, prefix):
+        seqs = jnp.concatenate([jnp.repeat(prefix[:, None], m, axis=1), x], axis=2)
+        return block.apply({"params": pr}, seqs.reshape(b * m, s + p, d))[:, s:].reshape(b, m, p, d)
+
+    def grads(fn, *args):
+        out, vjp = jax.vjp(fn, params, x, prefix, *args)
+        return out, vjp(dy)[:3]
+
+    results = {}
+    for absorbed in (True, False):
+        monkeypatch.setattr(T, "absorb_prefix", lambda *a, absorbed=absorbed: absorbed)
+
+        def prompted(pr, x, prefix, bias=None):
+            return block.apply({"params": pr}, x, prefix, bias=bias, method="with_prefix")
+
+        cache = block.apply({"params": params}, prefix, m * p, method="prefix_cache")
+        assert (cache.tokens is not None) == absorbed and (cache.k is None) == absorbed
+        results[absorbed] = grads(jax.jit(prompted)), grads(jax.jit(prompted), bias)
+    want = grads(jax.jit(full))
+    for absorbed in (True, False):
+        for got, ref in zip(
+            jax.tree_util.tree_leaves(results[absorbed][0]), jax.tree_util.tree_leaves(want), strict=True
+        ):
+            np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4)
+    masked = [jax.tree_util.tree_leaves(results[a][1]) for a in (True, False)]
+    for got, ref in zip(*masked, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4)
+
+
+def test_absorb_prefix_picks_the_cheaper_form():
+    """The prompter's 3 M = 12 query rows an image: absorbed at one head for every preset
+    (and at the demo's 4 heads at width 64); plain once heads x queries outgrow the width."""
+    from clocmllm.encoder.flops import absorb_prefix
+
+    for preset in ("tiny", "vit_s16", "b16", "l14"):
+        cfg = load_model_config(preset)
+        assert absorb_prefix(cfg.num_image_tokens, cfg.vision_width, 1, 12), preset
+    assert absorb_prefix(65, 64, 4, 12)
+    assert not absorb_prefix(65, 64, 8, 12) and not absorb_prefix(197, 768, 12, 200)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_image_embedding_runs_the_last_block_at_the_class_token(tiny, remat):
+    """`encode_image` (last block at the class token only) == `pool_image(encode_image_tokens)`,
+    values and parameter gradients, with and without remat; and its compiled forward does
+    fewer FLOPs (the patch rows' query, output projection and MLP are not computed)."""
+    cfg, _, v, images, _ = tiny
+    model = CLIP(cfg.replace(remat=remat))
+
+    def full(m, x):
+        return m.pool_image(m.encode_image_tokens(x))
+
+    def emb(p, method):
+        return jnp.sum(jnp.sin(model.apply({"params": p}, images, method=method)))
+
+    grads = {}
+    for name, method in (("embed", "encode_image"), ("full", full)):
+        fn = jax.jit(
+            jax.value_and_grad(lambda p, method=method: emb(p, method)), compiler_options=FAST_COMPILE
+        )
+        grads[name] = fn(v["params"])
+    np.testing.assert_allclose(grads["embed"][0], grads["full"][0], rtol=1e-5)
+    flat_e, flat_f = flatten_dict(grads["embed"][1]["visual"]), flatten_dict(grads["full"][1]["visual"])
+    assert flat_e.keys() == flat_f.keys()
+    for k in flat_f:
+        np.testing.assert_allclose(flat_e[k], flat_f[k], rtol=2e-4, atol=1e-6, err_msg=str(k))
+
+    def flops(method):
+        fn = jax.jit(lambda p: model.apply({"params": p}, images, method=method))
+        cost = fn.lower(v["params"]).compile().cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+    assert flops("encode_image") < 0.85 * flops(full)
+
+
 def test_bfloat16_compute_and_attention_impls(tiny):
     cfg, _, v, images, ids = tiny
     ref = Jitted(CLIP(cfg)).apply(v, images, ids)

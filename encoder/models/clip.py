@@ -59,8 +59,9 @@ class CLIP(nn.Module):
         return self.visual.pool(tokens)
 
     def encode_image(self, images: jax.Array) -> jax.Array:
-        """images -> [B, E] unnormalised image embedding."""
-        return self.visual.pool(self.visual.tokens(images))
+        """images -> [B, E] unnormalised image embedding: `pool_image(encode_image_tokens(x))`,
+        the last block computed at the class token only (`VisionTower.embed`)."""
+        return self.visual.embed(images)
 
     # ------------------------------------------------------------------ text side
     def encode_text(self, token_ids: jax.Array) -> jax.Array:

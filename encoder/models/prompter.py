@@ -13,7 +13,11 @@ Choices where the paper (arXiv 2410.02746, Sec. 3) is silent, ours:
 - Independence: each (image, prompt) pair is its own sequence [image tokens ; prompt
   tokens], so padded regions cannot change valid ones. We compute it without copying the
   image tokens M times: only prompt positions are pooled, so only their outputs are
-  computed, against image keys/values computed once per image (`Block.with_prefix`).
+  computed (`Block.with_prefix`). The image tokens are normalised once per image and never
+  projected to keys and values: each prompt query is folded through Wk instead, and its
+  mix of image tokens through Wv (`flops.absorb_prefix`: at one head ~5x fewer
+  FLOPs on the image side at `tiny`, ~13x at B/16; prompter fwd+bwd 9.7 -> 8.0 ms at tiny,
+  230 -> 156 ms at ViT-S/16 batch 32, one CPU thread).
 - Grounding head: fc1 (D->D), exact GELU, fc2 (D->4), sigmoid: boxes in [0, 1].
 - Box mask (`prompter_box_mask`, ours, off by default = the paper's prompter): a box prompt
   attends only to the class token, its own prompt tokens and the patches its box overlaps
@@ -113,10 +117,11 @@ class Prompter(nn.Module):
     ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
         """`boxes(tokens, boxes)` and `text(tokens, text_emb)` with the image tokens' keys and
         values computed once for both (the CLOC step needs both prompt kinds per image)."""
-        kv = self.layer.prefix_kv(tokens.astype(jnp.dtype(self.config.dtype)))
+        m = boxes.shape[1]
+        cache = self.layer.prefix_cache(tokens.astype(jnp.dtype(self.config.dtype)), queries=3 * m)
         prompt = self.text_in(text_emb.astype(jnp.dtype(self.config.dtype)))
-        box_out = self._pool(tokens, self.box_embed(boxes), kv, self._box_bias(boxes, tokens.shape[1]))
-        return box_out, self._pool(tokens, prompt[:, :, None, :], kv)
+        box_out = self._pool(tokens, self.box_embed(boxes), cache, self._box_bias(boxes, tokens.shape[1]))
+        return box_out, self._pool(tokens, prompt[:, :, None, :], cache)
 
     def _box_bias(self, boxes: jax.Array, seq: int) -> jax.Array | None:
         c = self.config
@@ -124,9 +129,11 @@ class Prompter(nn.Module):
             return None
         return box_attention_bias(boxes, c.grid_size, seq - c.grid_size**2)
 
-    def _pool(self, tokens: jax.Array, prompts: jax.Array, kv=None, bias=None) -> tuple[jax.Array, jax.Array]:
+    def _pool(
+        self, tokens: jax.Array, prompts: jax.Array, cache=None, bias=None
+    ) -> tuple[jax.Array, jax.Array]:
         tokens = tokens.astype(prompts.dtype)
-        out = self.layer.with_prefix(prompts, tokens, kv=kv, bias=bias)  # [B, M, P, D]
+        out = self.layer.with_prefix(prompts, tokens, cache=cache, bias=bias)  # [B, M, P, D]
         feat = self.ln(out.mean(axis=2))
         return self.proj(feat).astype(jnp.float32), feat.astype(jnp.float32)
 

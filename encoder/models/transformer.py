@@ -22,7 +22,8 @@ Speed choices (XLA CPU, where a plain Flax CLIP lost to PyTorch in the backward 
   T <= 128 (`_transposed_grad`) and the weight gradient of in > out Dense layers
   (`narrowing_linear`) are computed from a materialised transpose instead;
 - the text tower's last block computes q, scores and `out` at the pooled row only
-  (`Attention.at_rows`), and the prompter's prefix computes no q (`_qkv_columns`).
+  (`Attention.at_rows`), and the prompter's image prefix is never projected to keys and
+  values (`flops.absorb_prefix`).
 These backwards are XLA CPU tuning. On other backends (`cpu_kernels()`), the same functions
 run through plain autodiff and flax's Dense. On an H100 that made no measurable difference
 (ViT-B/16 bf16 step, 138.0 vs 137.1 ms; docs/benchmarks.md, "Encoder training step: MFU").
@@ -41,10 +42,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from clocmllm.encoder.flops import absorb_prefix
 
 Dtype = jnp.dtype
 
@@ -502,37 +506,67 @@ class Attention(nn.Module):
         y = jnp.einsum("bhqk,bhkd->bhqd", probs, v).reshape(b, d)
         return self.out(y)
 
-    def prefix_kv(self, prefix: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys and values [B, H, S, Dh] of the shared prefix [B, S, D] (for `with_prefix`)."""
-        return self._kv_heads(prefix)
+    def prefix_cache(self, prefix: jax.Array, queries: int) -> PrefixCache:
+        """What `with_prefix` needs of a shared (normalised) prefix [B, S, D] that `queries`
+        prompt rows an image will attend to: the prefix itself when the absorbed form is
+        cheaper (`absorb_prefix`), else its keys and values [B, H, S, Dh]."""
+        if absorb_prefix(prefix.shape[1], self.width, self.heads, queries):
+            return PrefixCache(tokens=prefix)
+        k, v = self._kv_heads(prefix)
+        return PrefixCache(k=k, v=v)
 
-    def with_prefix(
-        self, x: jax.Array, kv: tuple[jax.Array, jax.Array], bias: jax.Array | None = None
-    ) -> jax.Array:
+    def with_prefix(self, x: jax.Array, cache: PrefixCache, bias: jax.Array | None = None) -> jax.Array:
         """Outputs for x [B, M, P, D] when each of the M sequences is [prefix_b ; x_bm].
 
         Equal to running `__call__` on the M concatenated sequences [B*M, S+P, D] and
-        keeping the last P outputs, but the prefix's keys/values `kv` (`prefix_kv`) are
-        computed once per image instead of once per prompt (the prompter's M regions, box
-        and text prompts alike, share one image).
+        keeping the last P outputs, but what the prefix needs (`prefix_cache`) is computed
+        once per image instead of once per prompt (the prompter's M regions, box and text
+        prompts alike, share one image).
         """
-        b, m, p, _ = x.shape
         h, dh = self.heads, self.width // self.heads
         q, k, v = _split_heads(dense_2d(self.qkv, x), h)  # [B, M, H, P, Dh]
-        pk, pv = kv  # [B, H, S, Dh]
         q = q * jnp.asarray(dh**-0.5, q.dtype)
         f32 = jnp.float32
-        l_pre = jnp.einsum("bmhqd,bhkd->bmhqk", q, pk, preferred_element_type=f32)
+        if cache.tokens is None:
+            l_pre = jnp.einsum("bmhqd,bhkd->bmhqk", q, cache.k, preferred_element_type=f32)
+        else:
+            wk, bk, wv, bv = self._kv_weights()
+            qk = jnp.einsum("bmhqe,dhe->bmhqd", q, wk)  # q_h Wk_h^T: queries in the token space
+            l_pre = jnp.einsum("bmhqd,bkd->bmhqk", qk, cache.tokens, preferred_element_type=f32)
+            # q.bk is the same for every key of the softmax (own keys carry it too): kept exact
+            l_pre = l_pre + jnp.einsum("bmhqe,he->bmhq", q, bk, preferred_element_type=f32)[..., None]
         if bias is not None:  # [B, M, S]: a per-prompt additive bias on the prefix keys
             l_pre = l_pre + bias[:, :, None, None, :].astype(f32)
         l_own = jnp.einsum("bmhqd,bmhkd->bmhqk", q, k, preferred_element_type=f32)
         probs = jax.nn.softmax(jnp.concatenate([l_pre, l_own], axis=-1), axis=-1)
-        probs = probs.astype(v.dtype)
-        s = pk.shape[-2]
-        y = jnp.einsum("bmhqk,bhkd->bmhqd", probs[..., :s], pv) + jnp.einsum(
-            "bmhqk,bmhkd->bmhqd", probs[..., s:], v
-        )
+        s = l_pre.shape[-1]
+        p_pre, p_own = probs[..., :s].astype(v.dtype), probs[..., s:].astype(v.dtype)
+        y = jnp.einsum("bmhqk,bmhkd->bmhqd", p_own, v)
+        if cache.tokens is None:
+            y = y + jnp.einsum("bmhqk,bhkd->bmhqd", p_pre, cache.v)
+        else:
+            mixed = jnp.einsum("bmhqk,bkd->bmhqd", p_pre, cache.tokens)  # sum_k p x_k, then Wv
+            y = y + jnp.einsum("bmhqd,dhe->bmhqe", mixed, wv)
+            y = y + p_pre.sum(axis=-1, keepdims=True) * bv[:, None, :]
         return dense_2d(self.out, _merge_heads(y))
+
+    def _kv_weights(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """The fused projection's key and value weights by head: Wk, Wv [D, H, Dh], bk, bv [H, Dh]."""
+        p = self.qkv.variables["params"]
+        d, h = self.width, self.heads
+        kernel, bias = p["kernel"].astype(self.dtype), p["bias"].astype(self.dtype)
+        wk, wv = (kernel[:, i * d : (i + 1) * d].reshape(d, h, d // h) for i in (1, 2))
+        bk, bv = (bias[i * d : (i + 1) * d].reshape(h, d // h) for i in (1, 2))
+        return wk, bk, wv, bv
+
+
+class PrefixCache(NamedTuple):
+    """A shared prefix as `Attention.with_prefix` reads it: `tokens` (the normalised prefix,
+    absorbed form) or its keys `k` and values `v` [B, H, S, Dh]."""
+
+    tokens: jax.Array | None = None
+    k: jax.Array | None = None
+    v: jax.Array | None = None
 
 
 class Block(nn.Module):
@@ -569,26 +603,27 @@ class Block(nn.Module):
         x = x_rows + self.attn.at_rows(self.ln1(x), rows)
         return x + self.mlp(self.ln2(x))
 
-    def prefix_kv(self, prefix: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """prefix [B, S, D] shared tokens -> their attention keys and values (`with_prefix`)."""
-        return self.attn.prefix_kv(self.ln1(prefix))
+    def prefix_cache(self, prefix: jax.Array, queries: int) -> PrefixCache:
+        """prefix [B, S, D] shared tokens that `queries` prompt rows an image attend to -> what
+        `with_prefix` needs of them (`Attention.prefix_cache`)."""
+        return self.attn.prefix_cache(self.ln1(prefix), queries)
 
     def with_prefix(
         self,
         x: jax.Array,
         prefix: jax.Array | None = None,
-        kv: tuple[jax.Array, jax.Array] | None = None,
+        cache: PrefixCache | None = None,
         bias: jax.Array | None = None,
     ) -> jax.Array:
         """x [B, M, P, D] prompt tokens, prefix [B, S, D] shared tokens -> new x.
 
         Output of the block for the last P positions of each sequence [prefix ; x_m];
-        the prefix's own outputs are not computed (nobody reads them). Pass `kv =
-        prefix_kv(prefix)` instead of `prefix` to reuse them across calls.
+        the prefix's own outputs are not computed (nobody reads them). Pass `cache =
+        prefix_cache(prefix, queries)` instead of `prefix` to reuse it across calls.
         """
-        if kv is None:
-            kv = self.prefix_kv(prefix)
-        x = x + self.attn.with_prefix(self.ln1(x), kv, bias)
+        if cache is None:
+            cache = self.prefix_cache(prefix, x.shape[1] * x.shape[2])
+        x = x + self.attn.with_prefix(self.ln1(x), cache, bias)
         return x + self.mlp(self.ln2(x))
 
 

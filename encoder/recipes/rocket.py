@@ -137,25 +137,24 @@ def augmented_loss(params: dict, model: nn.Module, batch: dict, cfg: Config) -> 
     want_regions = cfg.region_on_strong and "aug_region_boxes" in batch
 
     def forward(m, images, aug_text):
+        if not want_regions:  # the embedding alone: the last vision block at the class token only
+            return {"img": m.encode_image(images), "txt": m.encode_text(aug_text)}
         tokens = m.encode_image_tokens(images)
         out = {"img": m.pool_image(tokens)}
-        if not want_regions:
-            out["txt"] = m.encode_text(aug_text)
-        else:
-            bm, mm, t = batch["region_text"].shape
-            phrases = batch["region_text"].reshape(bm * mm, t)
-            if t == aug_text.shape[-1]:  # one text-tower pass for captions and phrases
-                emb = m.encode_text(jnp.concatenate([aug_text, phrases], axis=0))
-                out["txt"], rtext = emb[: b * n], emb[b * n :]
-            else:  # phrases tokenized with a shorter context (input pipeline option)
-                out["txt"], rtext = m.encode_text(aug_text), m.encode_text(phrases)
-            rtext = rtext.reshape(bm, 1, mm, -1)
-            rtext = jnp.broadcast_to(rtext, (bm, n, mm, rtext.shape[-1])).reshape(bm * n, mm, -1)
-            boxes = batch["aug_region_boxes"].reshape(b * n, mm, 4)
-            out["region_emb"], _ = m.region_embed(tokens, boxes)
-            _, feat = m.text_prompt_embed(tokens, rtext)
-            out["pred_boxes"] = m.ground(feat)
-            out["region_text_emb"] = rtext
+        bm, mm, t = batch["region_text"].shape
+        phrases = batch["region_text"].reshape(bm * mm, t)
+        if t == aug_text.shape[-1]:  # one text-tower pass for captions and phrases
+            emb = m.encode_text(jnp.concatenate([aug_text, phrases], axis=0))
+            out["txt"], rtext = emb[: b * n], emb[b * n :]
+        else:  # phrases tokenized with a shorter context (input pipeline option)
+            out["txt"], rtext = m.encode_text(aug_text), m.encode_text(phrases)
+        rtext = rtext.reshape(bm, 1, mm, -1)
+        rtext = jnp.broadcast_to(rtext, (bm, n, mm, rtext.shape[-1])).reshape(bm * n, mm, -1)
+        boxes = batch["aug_region_boxes"].reshape(b * n, mm, 4)
+        out["region_emb"], _ = m.region_embed(tokens, boxes)
+        _, feat = m.text_prompt_embed(tokens, rtext)
+        out["pred_boxes"] = m.ground(feat)
+        out["region_text_emb"] = rtext
         return out
 
     model_cfg = model.config
