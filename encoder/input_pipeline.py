@@ -202,7 +202,8 @@ class RegionDataset:
         }
 
 
-# Phrase lengths the trimmed region-text array may take: few shapes, so few recompiles.
+# Lengths a trimmed phrase (`trim_region_text`) or caption (`trim_captions`) array may take:
+# few shapes, so few recompiles.
 # 6 fits the synthetic world's 'size colour shape' phrases (SOT + 3 words + EOT = 5 tokens)
 # without 3 dead tokens of 8 (the tiny CLOC step's phrase pass is ~1/4 of its text work).
 PHRASE_BUCKETS = (4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -243,6 +244,26 @@ def trim_region_text(batch: dict[str, np.ndarray], eot_token_id: int) -> dict[st
     if length >= t:
         return batch
     return {**batch, "region_text": np.ascontiguousarray(tokens[..., :length])}
+
+
+def trim_captions(batch: dict[str, np.ndarray], eot_token_id: int, floor: int = 0) -> dict[str, np.ndarray]:
+    """The batch with its captions `text` [B, T] cut to the smallest `PHRASE_BUCKETS` length,
+    at least `floor`, that keeps every caption's first EOT (at most T).
+
+    Exact for the reason `trim_region_text` is: the causal text tower pools at the first EOT,
+    so the tokens after it change nothing and get no gradient. Captions are padded to the
+    context length (77 for the CLIP presets) and most are far shorter: at the batch's
+    longest caption the text tower does that much less work. `floor`: the trainer passes the
+    longest length it has used so far, so lengths only grow and a run compiles its step for
+    a few lengths, not for every batch's longest caption.
+    """
+    tokens = batch["text"]
+    t = tokens.shape[-1]
+    need = max(phrase_length(tokens, np.ones(tokens.shape[:-1], bool), eot_token_id), floor)
+    length = next((b for b in PHRASE_BUCKETS if b >= need), t)
+    if length >= t:
+        return batch
+    return {**batch, "text": np.ascontiguousarray(tokens[:, :length])}
 
 
 def phrase_count_bucket(

@@ -486,6 +486,7 @@ def train(
         PipelineConfig,
         RegionDataset,
         load_records,
+        trim_captions,
         trim_region_text,
     )
     from clocmllm.encoder.models.clip import CLIP
@@ -612,6 +613,10 @@ def train(
     # ... and each distinct phrase encoded once (the rocket recipe reads `region_text` itself)
     dedup = trim_phrases and cfg["recipe"] == "cloc" and bool(cfg["data"]["dedup_phrases"])
     dedup_phrases = PhraseDedup(align=mesh.devices.size) if dedup else None
+    # captions cut after the batch's longest first EOT (exact, see trim_captions), the length
+    # only growing over the run (few compiles); the rocket / LCL recipes read `text` themselves
+    trim_text = cfg["recipe"] == "cloc" and jax.process_count() == 1
+    caption_len = 0
     bar = tqdm(
         total=total, initial=start, desc="pretrain", disable=not cfg["progress"] or jax.process_index() != 0
     )
@@ -622,6 +627,9 @@ def train(
     try:
         for step in range(start, total):
             host = next(it)
+            if trim_text:
+                host = trim_captions(host, mc.eot_token_id, floor=caption_len)
+                caption_len = host["text"].shape[-1]
             if trim_phrases:
                 host = trim_region_text(host, mc.eot_token_id)
             if dedup_phrases is not None:

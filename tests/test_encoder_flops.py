@@ -94,6 +94,21 @@ def test_mfu_bench_smoke_run(tmp_path):
     assert res["xla_tflops_per_s"] > 0
 
 
+def test_prompter_bench_times_both_forms():
+    """scripts/bench/bench_prompter.py's timing runs each form and leaves the model's rule as
+    it found it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
+    import bench_prompter
+
+    from clocmllm.encoder.models import transformer
+
+    rule = transformer.absorb_prefix
+    for absorbed in (True, False):
+        med, best = bench_prompter.run("tiny", 1, absorbed, 1)
+        assert med >= best > 0
+    assert transformer.absorb_prefix is rule
+
+
 def test_trace_summary_counts_device_streams_once(tmp_path, capsys):
     """The profile table (scripts/bench/trace_summary.py) sums the CUDA stream's kernels by
     class and leaves out the device's derived lines ("XLA Ops") that repeat them."""

@@ -216,6 +216,48 @@ def test_region_weight_and_total():
     assert set(metrics) >= {"loss", "loss_clip", "loss_region", "loss_ground", "lambda"}
 
 
+@pytest.mark.parametrize("mode", ["clip", "cloc"])
+def test_trimmed_captions_give_the_same_loss_and_gradients(mode):
+    """trim_captions (the trainer's cut of captions after the batch's longest first EOT) is
+    exact in both modes: same loss, same gradients, none reaching the positions cut."""
+    from micro import micro_model
+
+    from clocmllm.encoder.config import load_model_config
+    from clocmllm.encoder.input_pipeline import trim_captions
+    from clocmllm.encoder.models.clip import CLIP, init_params
+    from clocmllm.encoder.trainer import DEFAULTS, deep_merge, make_loss_fn
+
+    mc = load_model_config("tiny", micro_model(context_length=16, eot_token_id=3))
+    model = CLIP(mc)
+    params = init_params(mc, 0)
+    rng = np.random.default_rng(1)
+    b, m, t = 3, 2, 16
+    text = np.zeros((b, t), np.int32)
+    for i, n in enumerate((3, 5, 2)):  # SOT + n words + EOT, then padding
+        text[i, : n + 2] = [1, *rng.integers(4, mc.vocab_size, n), 3]
+    batch = {
+        "images": rng.normal(size=(b, mc.image_size, mc.image_size, 3)).astype(np.float32),
+        "text": text,
+        "region_boxes": np.tile(np.array([0.1, 0.2, 0.6, 0.7], np.float32), (b, m, 1)),
+        "region_valid": np.ones((b, m), bool),
+        "region_text": np.tile(np.array([1, 5, 6, 3], np.int32), (b, m, 1)),
+    }
+    if mode == "clip":
+        batch = {k: batch[k] for k in ("images", "text")}
+    trimmed = trim_captions(batch, mc.eot_token_id)
+    assert trimmed["text"].shape[-1] == 8 < t
+    grad = _jit(jax.value_and_grad(make_loss_fn(model, deep_merge(DEFAULTS, {"mode": mode})), has_aux=True))
+    (l_full, _), g_full = grad(params, batch)
+    (l_trim, _), g_trim = grad(params, trimmed)
+    assert abs(float(l_full) - float(l_trim)) <= 1e-6
+
+    def rel(a, c):  # another T reorders the float32 sums of the weight gradients
+        return float(jnp.max(jnp.abs(a - c)) / max(1.0, float(jnp.max(jnp.abs(a)))))
+
+    assert max(jax.tree.leaves(jax.tree.map(rel, g_full, g_trim))) <= 1e-6
+    assert float(jnp.abs(g_full["text"]["pos_embed"][7:]).max()) == 0.0  # nothing reads past EOT
+
+
 def test_trimmed_region_phrases_give_the_same_cloc_loss_and_gradients():
     """trim_region_text (the trainer's cut of phrases after their first EOT) is exact."""
     from micro import micro_model

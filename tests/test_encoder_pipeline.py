@@ -19,6 +19,7 @@ from clocmllm.encoder.input_pipeline import (
     load_records,
     phrase_length,
     sample_regions,
+    trim_captions,
     trim_region_text,
 )
 from clocmllm.encoder.preprocess import letterbox_image, pad_value, preprocess_image
@@ -180,6 +181,24 @@ def test_shard_folder_and_world_split(tmp_path):
     assert len(load_records(world, "train")) == 1 and len(load_records(world, "eval")) == 2
     with pytest.raises(FileNotFoundError):
         load_records(tmp_path / "missing")
+
+
+def test_trim_captions_keeps_every_first_eot_and_only_grows():
+    eot = 3
+    text = np.zeros((3, 77), np.int32)
+    text[0, :5] = [1, 7, 8, 9, eot]
+    text[1, :11] = [1, *range(10, 19), eot]  # EOT at 10 -> needs 11 -> bucket 12
+    text[2, :3] = [1, 7, eot]
+    batch = {"text": text, "images": np.zeros((3, 4, 4, 3), np.float32)}
+    out = trim_captions(batch, eot)
+    assert out["text"].shape == (3, 12) and (out["text"] == text[:, :12]).all()
+    assert out["images"] is batch["images"]
+    assert trim_captions(batch, eot, floor=13)["text"].shape == (3, 16)  # the run's longest so far
+    assert trim_captions(batch, eot, floor=70)["text"] is text  # no bucket below T: untouched
+    # a caption without EOT pools at its last position: keep the full length
+    no_eot = text.copy()
+    no_eot[2] = 5
+    assert trim_captions({"text": no_eot}, eot)["text"].shape == (3, 77)
 
 
 def test_trim_region_text_keeps_every_valid_first_eot():

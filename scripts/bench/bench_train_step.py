@@ -23,6 +23,8 @@ phrase is encoded once (`dedup_region_text`, the trainer's `data.dedup_phrases`)
 `jax:cloc_nodedup:einsum` skips the de-duplication, `jax:cloc_untrimmed:einsum` both (all 16
 tokens). `--phrases world` draws the phrases from the synthetic world's 112 instead of random
 words: real phrase data repeats, the random phrases never do (report both).
+Captions are 32 tokens with EOT at position 20, cut to 24 on both sides as the trainer cuts
+them (`trim_captions`; before session 8 both sides ran all 32).
 Our CLIP step runs the last vision block at the class token only (`VisionTower.embed`); the
 CLOC step cannot (its prompter reads every token). `jax:clip_tokens:einsum` is the CLIP step
 with the last block over every token, as HF computes it: the CLOC overhead over it is the
@@ -77,6 +79,14 @@ def world_phrases() -> list[list[int]]:
     names = class_names()
     words = sorted({w for n in names for w in n.split()})
     return [[1, *(2 + words.index(w) for w in n.split()), VOCAB - 1] for n in names]
+
+
+def step_batch(mc, batch: int) -> dict:
+    """`fake_batch` with its captions cut after their longest first EOT (position 20: 32 ->
+    24 tokens) as the trainer cuts them (`trim_captions`); both sides of this bench get it."""
+    from clocmllm.encoder.input_pipeline import trim_captions
+
+    return trim_captions(fake_batch(mc, batch), mc.eot_token_id)
 
 
 def fake_batch(mc, batch: int, m: int = 4) -> dict:
@@ -169,7 +179,7 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
     from clocmllm.encoder.input_pipeline import dedup_region_text, trim_region_text
 
     mc = model_config(preset, impl)
-    host = fake_batch(mc, BATCH[preset])
+    host = step_batch(mc, BATCH[preset])
     if mode in ("cloc", "cloc_nodedup"):  # as the trainer does: phrases cut after their longest first EOT
         host = trim_region_text(host, mc.eot_token_id)
     unique = len(np.unique(host["region_text"].reshape(-1, host["region_text"].shape[-1]), axis=0))
@@ -231,7 +241,7 @@ def _torch_setup(preset: str):
     mc = model_config(preset)
     model = hf_clip_model(mc)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
-    b = fake_batch(mc, BATCH[preset])
+    b = step_batch(mc, BATCH[preset])
     pixels = torch.from_numpy(b["images"]).permute(0, 3, 1, 2).contiguous()
     ids = torch.from_numpy(b["text"]).long()
     return model, opt, pixels, ids
@@ -285,7 +295,7 @@ def pieces_jax(preset: str, steps: int) -> dict:
     tx, _ = build_optimizer(cfg["optim"], 1000)
     _, init = abstract_state(model, tx, 0)
     state = jax.jit(init)()
-    b = fake_batch(mc, BATCH[preset])
+    b = step_batch(mc, BATCH[preset])
     batch = {k: jnp.asarray(b[k]) for k in ("images", "text")}
     loss = make_loss_fn(model, cfg)
     fwd = jax.jit(lambda p, bt: loss(p, bt)[0])
