@@ -10,7 +10,7 @@ T x T scores for the causal text tower too (what the einsum computes). Rows that
 reads are not counted: a tower whose last block runs at its pooled row only (the text
 tower always, the vision tower in the CLIP step) is counted that way, so MFU is not
 credited with work the step skips. (Until session 8 both last blocks were counted in full:
-+6.6% on the ViT-B/16 CLIP step; docs/benchmarks.md says which figures used which count.)
++7.4% on the ViT-B/16 CLIP step; docs/benchmarks.md says which figures used which count.)
 """
 
 from __future__ import annotations
@@ -65,22 +65,23 @@ def absorb_prefix(seq: int, width: int, heads: int, queries: int) -> bool:
     the bias terms added exactly. It costs 4 Q D^2 for the two folds and 4 Q H S D to
     attend at full width in each head. The prompter has few query rows an image (3 M: two
     box corners and one text prompt a region) against S image tokens, so at one head the
-    absorbed form is several times cheaper (ViT-B/16: ~13x). Same result up to rounding.
+    absorbed form is several times cheaper on the image side (tiny: ~3x, ViT-B/16: ~13x). Same result up to rounding.
     """
     plain = seq * width * width + queries * seq * width
     absorbed = queries * width * width + queries * heads * seq * width
     return absorbed < plain
 
 
-def prompter_forward_flops(cfg: ModelConfig, batch: int, regions: int) -> int:
+def prompter_forward_flops(cfg: ModelConfig, batch: int, regions: int, absorbed: bool | None = None) -> int:
     """CLOC's prompter for `regions` box prompts (2 tokens) and as many text prompts (1 token)
     an image: one block over the prompt tokens, which attend to the image tokens and to their
     own prompt, plus the grounding head. The image side is the form the model runs
     (`absorb_prefix`): image keys/values once an image, or the absorbed
-    form's two folds of the 3M query rows through Wk and Wv and full-width scores per head."""
+    form's two folds of the 3M query rows through Wk and Wv and full-width scores per head.
+    `absorbed` forces one form (scripts/bench/bench_prompter.py counts both)."""
     d, s, h = cfg.vision_width, cfg.num_image_tokens, cfg.prompter_heads
-    queries = 3 * regions
-    absorbed = absorb_prefix(s, d, h, queries)
+    if absorbed is None:
+        absorbed = absorb_prefix(s, d, h, 3 * regions)
     flops = 0 if absorbed else 2 * batch * s * 2 * d * d
     for p in (2, 1):  # box prompt, text prompt
         n = batch * regions * p
@@ -100,15 +101,18 @@ def train_step_flops(
     regions: int = 0,
     phrases: int = 0,
     phrase_tokens: int = 0,
+    image_tokens: bool = False,
 ) -> int:
     """Model FLOPs of one training step (forward + backward) on `batch` image-text pairs.
 
     CLIP: `regions = 0`. CLOC: `regions` boxes an image and `phrases` region phrases of
     `phrase_tokens` tokens in the batch (B * M, or fewer when the trainer encodes each
     distinct phrase once). The contrastive logits (B x B x E) are counted; losses' elementwise
-    work is not.
+    work is not. The CLIP step runs the last vision block at the class token only;
+    `image_tokens` counts it over every token, as CLOC (always) and HF's CLIPModel do.
     """
-    fwd = vision_forward_flops(cfg, batch, pooled=not regions) + text_forward_flops(cfg, batch, text_tokens)
+    pooled = not regions and not image_tokens
+    fwd = vision_forward_flops(cfg, batch, pooled=pooled) + text_forward_flops(cfg, batch, text_tokens)
     fwd += 2 * batch * batch * cfg.embed_dim
     if regions:
         fwd += prompter_forward_flops(cfg, batch, regions)
@@ -118,13 +122,13 @@ def train_step_flops(
     return 3 * fwd
 
 
-def batch_step_flops(cfg: ModelConfig, batch) -> int:
+def batch_step_flops(cfg: ModelConfig, batch, image_tokens: bool = False) -> int:
     """`train_step_flops` for a host batch as the CLIP / CLOC step sees it: captions of their
     length, and the region phrases as encoded (distinct rows after `dedup_region_text`, at
     their trimmed length). The global batch: divide by the device count for per-chip FLOPs."""
     b, t = batch["text"].shape
     if "region_valid" not in batch:
-        return train_step_flops(cfg, b, text_tokens=t)
+        return train_step_flops(cfg, b, text_tokens=t, image_tokens=image_tokens)
     phrases = batch.get("region_phrases")
     if phrases is None:
         phrases = batch["region_text"].reshape(-1, batch["region_text"].shape[-1])

@@ -238,12 +238,8 @@ def trim_region_text(batch: dict[str, np.ndarray], eot_token_id: int) -> dict[st
     if "region_text" not in batch:
         return batch
     tokens = batch["region_text"]
-    t = tokens.shape[-1]
     need = phrase_length(tokens, batch["region_valid"], eot_token_id)
-    length = next((b for b in PHRASE_BUCKETS if b >= need), t)
-    if length >= t:
-        return batch
-    return {**batch, "region_text": np.ascontiguousarray(tokens[..., :length])}
+    return {**batch, "region_text": _cut_to_bucket(tokens, need)}
 
 
 def trim_captions(batch: dict[str, np.ndarray], eot_token_id: int, floor: int = 0) -> dict[str, np.ndarray]:
@@ -258,12 +254,15 @@ def trim_captions(batch: dict[str, np.ndarray], eot_token_id: int, floor: int = 
     a few lengths, not for every batch's longest caption.
     """
     tokens = batch["text"]
-    t = tokens.shape[-1]
     need = max(phrase_length(tokens, np.ones(tokens.shape[:-1], bool), eot_token_id), floor)
-    length = next((b for b in PHRASE_BUCKETS if b >= need), t)
-    if length >= t:
-        return batch
-    return {**batch, "text": np.ascontiguousarray(tokens[:, :length])}
+    return {**batch, "text": _cut_to_bucket(tokens, need)}
+
+
+def _cut_to_bucket(tokens: np.ndarray, need: int) -> np.ndarray:
+    """tokens [..., T] cut to the smallest `PHRASE_BUCKETS` length >= need; as is when none is
+    below T."""
+    length = next((b for b in PHRASE_BUCKETS if b >= need), tokens.shape[-1])
+    return tokens if length >= tokens.shape[-1] else np.ascontiguousarray(tokens[..., :length])
 
 
 def phrase_count_bucket(

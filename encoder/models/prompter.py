@@ -15,9 +15,9 @@ Choices where the paper (arXiv 2410.02746, Sec. 3) is silent, ours:
   image tokens M times: only prompt positions are pooled, so only their outputs are
   computed (`Block.with_prefix`). The image tokens are normalised once per image and never
   projected to keys and values: each prompt query is folded through Wk instead, and its
-  mix of image tokens through Wv (`flops.absorb_prefix`: at one head ~5x fewer
-  FLOPs on the image side at `tiny`, ~13x at B/16; prompter fwd+bwd 9.7 -> 8.0 ms at tiny,
-  230 -> 156 ms at ViT-S/16 batch 32, one CPU thread).
+  mix of image tokens through Wv (`flops.absorb_prefix`: at one head ~3x fewer FLOPs
+  on the image side at `tiny`, ~13x at B/16; the prompter's fwd+bwd ran 1.11-1.22x faster
+  at tiny and 1.48-1.50x at ViT-S/16 batch 32 on one CPU thread, scripts/bench/bench_prompter.py).
 - Grounding head: fc1 (D->D), exact GELU, fc2 (D->4), sigmoid: boxes in [0, 1].
 - Box mask (`prompter_box_mask`, ours, off by default = the paper's prompter): a box prompt
   attends only to the class token, its own prompt tokens and the patches its box overlaps

@@ -7,9 +7,11 @@ and text prompts an image, as the CLOC step calls it) with gradients into the pa
 the image tokens, for the plain form (the image tokens projected to keys and values once an
 image) and the absorbed form (`encoder.flops.absorb_prefix`: queries folded through Wk, the
 attention-weighted tokens through Wv), the speed-up, which form the model picks, and the
-model FLOPs of each (`encoder.flops.prompter_forward_flops` x 3). Both forms compute the same
-function (tests/test_encoder_models.py). Session 8: tiny 1.11x at 1 head, 0.98x at 4; ViT-S/16
-1.48x at 1 head, 1.37x at 4 (docs/benchmarks.md, "where the CPU time goes", item 9).
+FLOPs of each: model FLOPs (`encoder.flops.prompter_forward_flops` x 3) and XLA's count of
+the compiled program (which shows the forced form is the one that ran). Both forms compute the same
+function (tests/test_encoder_models.py). Session 8, two runs: tiny 1.11-1.22x at 1 head,
+0.97-0.98x at 4; ViT-S/16 1.48-1.50x at 1 head, 1.36-1.37x at 4 (docs/benchmarks.md, "where
+the CPU time goes", item 9).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import time
 BATCH = {"tiny": 64, "vit_s16": 32, "b16": 8}
 
 
-def run(preset: str, heads: int, absorbed: bool, reps: int) -> tuple[float, float]:
-    """(median, best) process CPU seconds of the prompter's fwd+bwd in the given form."""
+def run(preset: str, heads: int, absorbed: bool, reps: int) -> tuple[float, float, float]:
+    """(median, best) process CPU seconds of the prompter's fwd+bwd in the given form, and
+    XLA's FLOP count of that compiled program."""
     from clocmllm.encoder.models import transformer
 
     rule = transformer.absorb_prefix
@@ -34,7 +37,7 @@ def run(preset: str, heads: int, absorbed: bool, reps: int) -> tuple[float, floa
         transformer.absorb_prefix = rule
 
 
-def _time_prompter(preset: str, heads: int, reps: int) -> tuple[float, float]:
+def _time_prompter(preset: str, heads: int, reps: int) -> tuple[float, float, float]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -57,14 +60,16 @@ def _time_prompter(preset: str, heads: int, reps: int) -> tuple[float, float]:
         )
         return (be**2).sum() + (bf**2).sum() + (te**2).sum() + (tf**2).sum()
 
-    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    step = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, tokens).compile()
+    cost = step.cost_analysis()
+    xla_flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
     jax.block_until_ready(step(params, tokens))
     times = []
     for _ in range(reps):
         t0 = time.process_time()
         jax.block_until_ready(step(params, tokens))
         times.append(time.process_time() - t0)
-    return statistics.median(times), min(times)
+    return statistics.median(times), min(times), xla_flops
 
 
 def main() -> None:
@@ -75,14 +80,13 @@ def main() -> None:
     ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        med, best = run(args.one[0], int(args.one[1]), args.one[2] == "absorbed", args.reps)
-        print(f"RESULT {med} {best}")
+        print("RESULT", *run(args.one[0], int(args.one[1]), args.one[2] == "absorbed", args.reps))
         return
     import subprocess
     import sys
 
-    import clocmllm.encoder.flops as F
     from clocmllm.encoder.config import load_model_config
+    from clocmllm.encoder.flops import absorb_prefix, prompter_forward_flops
 
     # each form in its own single-threaded process (XLA reads its flags at start-up)
     flags = " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -93,29 +97,27 @@ def main() -> None:
         f"one thread, load {os.getloadavg()[0]:.1f}; ms = process CPU time of fwd+bwd, median (best) of {args.reps}"
     )
     print(
-        f"{'preset':8s} {'heads':>5s} {'plain ms':>16s} {'absorbed ms':>16s} {'speed-up':>8s} {'picks':>9s} {'GFLOP plain/absorbed':>21s}"
+        f"{'preset':8s} {'heads':>5s} {'plain ms':>16s} {'absorbed ms':>16s} {'speed-up':>8s} {'picks':>9s}"
+        f" {'model GFLOP p / a':>18s} {'XLA GFLOP p / a':>16s}"
     )
     for preset in args.presets:
         for heads in args.heads:
-            res = {}
+            cfg = load_model_config(preset, {"prompter_heads": heads})
+            res, model = {}, {}
             for form in ("plain", "absorbed"):
                 cmd = [sys.executable, __file__, "--one", preset, str(heads), form, "--reps", str(args.reps)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-                med, best = map(float, out[out.index("RESULT") + 7 :].split()[:2])
-                res[form] = (1000 * med, 1000 * best)
-            cfg = load_model_config(preset, {"prompter_heads": heads})
-            s, d = cfg.num_image_tokens, cfg.vision_width
-            b = BATCH[preset]
-            picks = "absorbed" if F.absorb_prefix(s, d, heads, 12) else "plain"
-            fl, rule = {}, F.absorb_prefix
-            for form, flag in (("plain", False), ("absorbed", True)):
-                F.absorb_prefix = lambda *a, flag=flag: flag  # what prompter_forward_flops reads
-                fl[form] = 3 * F.prompter_forward_flops(cfg, b, 4) / 1e9
-            F.absorb_prefix = rule
-            cell = {k: f"{v[0]:7.1f} ({v[1]:6.1f})" for k, v in res.items()}
+                res[form] = [float(v) for v in out[out.index("RESULT") + 7 :].split()[:3]]
+                model[form] = 3 * prompter_forward_flops(cfg, BATCH[preset], 4, absorbed=form == "absorbed")
+            picks = (
+                "absorbed" if absorb_prefix(cfg.num_image_tokens, cfg.vision_width, heads, 12) else "plain"
+            )
+            ms = {k: f"{1000 * v[0]:7.1f} ({1000 * v[1]:6.1f})" for k, v in res.items()}
             print(
-                f"{preset:8s} {heads:5d} {cell['plain']:>16s} {cell['absorbed']:>16s}"
-                f" {res['plain'][0] / res['absorbed'][0]:7.2f}x {picks:>9s} {fl['plain']:9.2f} / {fl['absorbed']:.2f}"
+                f"{preset:8s} {heads:5d} {ms['plain']:>16s} {ms['absorbed']:>16s}"
+                f" {res['plain'][0] / res['absorbed'][0]:7.2f}x {picks:>9s}"
+                f" {model['plain'] / 1e9:8.2f} / {model['absorbed'] / 1e9:.2f}"
+                f" {res['plain'][2] / 1e9:7.2f} / {res['absorbed'][2] / 1e9:.2f}"
             )
 
 

@@ -185,19 +185,15 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
     unique = len(np.unique(host["region_text"].reshape(-1, host["region_text"].shape[-1]), axis=0))
     if mode == "cloc":  # ... and each distinct phrase encoded once (data.dedup_phrases)
         host = dedup_region_text(host)
-    flops = 0
     if mode == "clip_tokens":
         # The CLIP step as HF's CLIPModel (and our trainer before session 8) computes it: the
         # last vision block over every token, although the loss reads the class token only.
         # The CLOC step needs every token (its prompter reads them), so the CLOC overhead over
         # this variant is the cost of the region work alone. Bench-only: this subprocess's
         # VisionTower.embed is replaced by what it shortcuts.
-        from clocmllm.encoder.flops import vision_forward_flops
         from clocmllm.encoder.models.vision import VisionTower
 
         VisionTower.embed = lambda self, images: self.pool(self.tokens(images))
-        b = BATCH[preset]
-        flops = 3 * (vision_forward_flops(mc, b) - vision_forward_flops(mc, b, pooled=True))
     if mode in ("clip", "clip_tokens"):
         host = {k: host[k] for k in ("images", "text")}
     res = timed_steps(mc, "clip" if mode in ("clip", "clip_tokens") else "cloc", host, steps, clock)
@@ -205,7 +201,7 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
         "compile_s": res["compile_s"],
         "step_s": res["step_s"],
         "loss": float(res["metrics"]["loss"]),
-        "model_flops": batch_step_flops(mc, host) + flops,
+        "model_flops": batch_step_flops(mc, host, image_tokens=mode == "clip_tokens"),
     }
     if mode not in ("clip", "clip_tokens"):
         out["phrases"] = f"{unique}/{host['region_valid'].size}"
