@@ -56,6 +56,23 @@ def text_forward_flops(cfg: ModelConfig, batch: int, tokens: int | None = None) 
     return blocks + 2 * batch * cfg.text_width * cfg.embed_dim
 
 
+def packed_text_forward_flops(cfg: ModelConfig, rows: int, width: int, pooled: int, first: bool) -> int:
+    """The text tower over packed phrases (`TextTower.encode_packed`): `rows` x `width`
+    tokens through the blocks, each attending over the W keys of its row (+1 for the
+    shared first row when `first`), the last block at the `pooled` phrase rows only, the
+    shared first row once through every block, and the projection of the pooled rows."""
+    d, f, n = cfg.text_width, cfg.text_mlp_dim, cfg.text_layers
+    if not n:
+        return 2 * pooled * d * cfg.embed_dim
+    keys = width + int(first)
+    tokens = rows * width
+    flops = 2 * (n - 1) * tokens * (4 * d * d + 2 * d * f + 2 * keys * d)
+    flops += 2 * (tokens * 2 * d * d + pooled * (2 * d * d + 2 * d * f + 2 * keys * d))
+    if first:  # one token, attending to itself
+        flops += 2 * n * (4 * d * d + 2 * d * f + 2 * d)
+    return flops + 2 * pooled * d * cfg.embed_dim
+
+
 def absorb_prefix(seq: int, width: int, heads: int, queries: int) -> bool:
     """Whether prompts attend to a shared prefix more cheaply through the absorbed form.
 
@@ -102,21 +119,27 @@ def train_step_flops(
     phrases: int = 0,
     phrase_tokens: int = 0,
     image_tokens: bool = False,
+    packed: tuple[int, int, bool] | None = None,
 ) -> int:
     """Model FLOPs of one training step (forward + backward) on `batch` image-text pairs.
 
     CLIP: `regions = 0`. CLOC: `regions` boxes an image and `phrases` region phrases of
     `phrase_tokens` tokens in the batch (B * M, or fewer when the trainer encodes each
-    distinct phrase once). The contrastive logits (B x B x E) are counted; losses' elementwise
-    work is not. The CLIP step runs the last vision block at the class token only;
-    `image_tokens` counts it over every token, as CLOC (always) and HF's CLIPModel do.
+    distinct phrase once). `packed` = (rows, width, shared first row): the phrases packed
+    (encoder/phrase_packing.py), `phrases` of them pooled. The contrastive logits (B x B x E)
+    are counted; losses' elementwise work is not. The CLIP step runs the last vision block
+    at the class token only; `image_tokens` counts it over every token, as CLOC (always) and
+    HF's CLIPModel do.
     """
     pooled = not regions and not image_tokens
     fwd = vision_forward_flops(cfg, batch, pooled=pooled) + text_forward_flops(cfg, batch, text_tokens)
     fwd += 2 * batch * batch * cfg.embed_dim
     if regions:
         fwd += prompter_forward_flops(cfg, batch, regions)
-        fwd += text_forward_flops(cfg, phrases or batch * regions, phrase_tokens or cfg.context_length)
+        if packed:
+            fwd += packed_text_forward_flops(cfg, packed[0], packed[1], phrases or batch * regions, packed[2])
+        else:
+            fwd += text_forward_flops(cfg, phrases or batch * regions, phrase_tokens or cfg.context_length)
         n = batch * regions
         fwd += 2 * n * n * cfg.embed_dim  # region-text logits
     return 3 * fwd
@@ -125,14 +148,20 @@ def train_step_flops(
 def batch_step_flops(cfg: ModelConfig, batch, image_tokens: bool = False) -> int:
     """`train_step_flops` for a host batch as the CLIP / CLOC step sees it: captions of their
     length, and the region phrases as encoded (distinct rows after `dedup_region_text`, at
-    their trimmed length). The global batch: divide by the device count for per-chip FLOPs."""
+    their trimmed length, or packed rows after `pack_region_phrases`). The global batch: divide by the device count for per-chip FLOPs."""
     b, t = batch["text"].shape
     if "region_valid" not in batch:
         return train_step_flops(cfg, b, text_tokens=t, image_tokens=image_tokens)
+    m = batch["region_valid"].shape[1]
+    if "region_pack_tokens" in batch:
+        rows, width = batch["region_pack_tokens"].shape
+        first = "region_pack_sot" in batch
+        return train_step_flops(
+            cfg, b, t, regions=m, phrases=len(batch["region_pack_pool"]), packed=(rows, width, first)
+        )
     phrases = batch.get("region_phrases")
     if phrases is None:
         phrases = batch["region_text"].reshape(-1, batch["region_text"].shape[-1])
-    m = batch["region_valid"].shape[1]
     return train_step_flops(cfg, b, t, regions=m, phrases=len(phrases), phrase_tokens=phrases.shape[-1])
 
 

@@ -61,6 +61,10 @@ DEFAULTS: dict[str, Any] = {
         # CLOC: encode each distinct region phrase of a batch once (exact; single process
         # only, see input_pipeline.dedup_region_text)
         "dedup_phrases": True,
+        # CLOC: lay the region phrases end to end in rows of 16+ tokens, each attending to its
+        # own tokens only, and compute a shared first token (SOT) once (exact; single process
+        # only, see encoder/phrase_packing.py)
+        "pack_phrases": True,
         "threads": 2,
         "prefetch": 2,
         "strict": False,
@@ -272,7 +276,15 @@ def make_loss_fn(model, cfg: dict):
         tokens = m.encode_image_tokens(batch["images"])
         out = {"image_emb": m.pool_image(tokens), "text_emb": m.encode_text(batch["text"])}
         # region phrases use their own (shorter) token length, so a separate tower call
-        if "region_phrase_index" in batch:  # distinct phrases once (`dedup_region_text`)
+        if "region_pack_tokens" in batch:  # phrases packed into rows (`pack_region_phrases`)
+            rtext = m.encode_text_packed(
+                batch["region_pack_tokens"],
+                batch["region_pack_positions"],
+                batch["region_pack_segments"],
+                batch["region_pack_pool"],
+                batch.get("region_pack_sot"),
+            )[batch["region_phrase_index"]]
+        elif "region_phrase_index" in batch:  # distinct phrases once (`dedup_region_text`)
             rtext = m.encode_text(batch["region_phrases"])[batch["region_phrase_index"]]
         else:
             b, mm, t = batch["region_text"].shape
@@ -491,6 +503,7 @@ def train(
     )
     from clocmllm.encoder.models.clip import CLIP
     from clocmllm.encoder.optimizer import build_optimizer
+    from clocmllm.encoder.phrase_packing import PhrasePacker
     from clocmllm.encoder.sharding import batch_sharding, make_mesh, maybe_initialize_distributed, shard_batch
 
     # ---- config, workdir, compatibility
@@ -613,6 +626,9 @@ def train(
     # ... and each distinct phrase encoded once (the rocket recipe reads `region_text` itself)
     dedup = trim_phrases and cfg["recipe"] == "cloc" and bool(cfg["data"]["dedup_phrases"])
     dedup_phrases = PhraseDedup(align=mesh.devices.size) if dedup else None
+    # ... and packed into rows of real tokens (encoder/phrase_packing.py)
+    pack = trim_phrases and cfg["recipe"] == "cloc" and bool(cfg["data"]["pack_phrases"])
+    pack_phrases = PhrasePacker(mc.eot_token_id, align=mesh.devices.size) if pack else None
     # captions cut after the batch's longest first EOT (exact, see trim_captions), the length
     # only growing over the run (few compiles); the rocket / LCL recipes read `text` themselves
     trim_text = cfg["recipe"] == "cloc" and jax.process_count() == 1
@@ -634,6 +650,8 @@ def train(
                 host = trim_region_text(host, mc.eot_token_id)
             if dedup_phrases is not None:
                 host = dedup_phrases(host)
+            if pack_phrases is not None:
+                host = pack_phrases(host)
             if step == int(cfg["debug"]["nan_at_step"]):
                 host["images"] = np.full_like(host["images"], np.nan)
             batch = shard_batch({k: v for k, v in host.items() if k != "index"}, mesh)

@@ -69,6 +69,25 @@ def test_text_and_prompter_forward_flops_match_xla():
     assert 0.98 <= got / F.prompter_forward_flops(cfg, b, m) <= 1.05
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_packed_text_forward_flops_match_xla(first):
+    """The packed phrase pass (`TextTower.encode_packed`): rows of W tokens attending within
+    their row (+ the shared first row), the last block at the pooled phrases only."""
+    cfg, model, params = abstract_model("vit_s16")
+    rows, width, pooled = 40, 16, 128
+    ids = jax.ShapeDtypeStruct((rows, width), jnp.int32)
+    pool = jax.ShapeDtypeStruct((pooled,), jnp.int32)
+    sot = jax.ShapeDtypeStruct((rows,), jnp.int32) if first else None
+
+    def run(p, t, pos, seg, pl, s):
+        return model.apply({"params": p}, t, pos, seg, pl, s, method="encode_text_packed")
+
+    got = xla_flops(run, params, ids, ids, ids, pool, sot)
+    assert 1.0 <= got / F.packed_text_forward_flops(cfg, rows, width, pooled, first) <= 1.02
+    unpacked = F.text_forward_flops(cfg, pooled, 8)  # the same 128 phrases as 8-token rows
+    assert F.packed_text_forward_flops(cfg, rows, width, pooled, first) < 0.8 * unpacked
+
+
 def test_step_flops_of_known_sizes_and_peaks():
     cfg = load_model_config("b16")
     clip = F.train_step_flops(cfg, 256)

@@ -31,23 +31,28 @@ SCRIPT = textwrap.dedent(
     B, M, T = 16, 2, 12
     valid = rng.random((B, M)) < 0.7
     text = rng.integers(4, 500, (B, T)).astype(np.int32); text[:, 5] = 3
-    rtext = rng.integers(4, 500, (B, M, T)).astype(np.int32); rtext[..., 3] = 3
+    rtext = rng.integers(4, 500, (B, M, T)).astype(np.int32); rtext[..., 0] = 1; rtext[..., 3] = 3
     x1 = rng.random((B, M, 2)) * 0.5
     batch = {"images": rng.normal(size=(B, 32, 32, 3)).astype(np.float32), "text": text,
              "region_boxes": np.concatenate([x1, x1 + 0.3], -1).astype(np.float32),
              "region_valid": valid, "region_text": rtext}
+    # the trainer's phrase packing (rows a multiple of the device count), sharded like the rest
+    from clocmllm.encoder.phrase_packing import pack_region_phrases
+    packed = pack_region_phrases(batch, 3, align=8)
+    assert "region_pack_sot" in packed and len(packed["region_pack_tokens"]) % 8 == 0
     out = {}
-    for name, devices, mesh_cfg in (("one", jax.devices()[:1], {"data": 1, "fsdp": 1}),
-                                     ("eight", jax.devices(), {"data": 4, "fsdp": 2})):
+    for name, devices, mesh_cfg, b in (("one", jax.devices()[:1], {"data": 1, "fsdp": 1}, batch),
+                                       ("eight", jax.devices(), {"data": 4, "fsdp": 2}, batch),
+                                       ("eight_packed", jax.devices(), {"data": 4, "fsdp": 2}, packed)):
         mesh = make_mesh(mesh_cfg, devices)
         abstract, init = abstract_state(model, tx, 0)
         sh = tree_shardings(abstract, mesh, min_size=64)
         state = jax.jit(init, out_shardings=sh)()
         step = jax.jit(make_train_step(model, tx, sched, cfg), in_shardings=(sh, batch_sharding(mesh)),
                        out_shardings=(sh, None))
-        new, metrics = step(state, shard_batch(batch, mesh))
+        new, metrics = step(state, shard_batch(b, mesh))
         first = [np.asarray(p).tolist() for p in jax.tree.leaves(new.params)]
-        new, metrics2 = step(new, shard_batch(batch, mesh))
+        new, metrics2 = step(new, shard_batch(b, mesh))
         kernel = new.params["visual"]["layer_0"]["mlp"]["fc1"]["kernel"]
         out[name] = {"loss": [float(metrics["loss"]), float(metrics2["loss"])],
                      "params": first + [np.asarray(p).tolist() for p in jax.tree.leaves(new.params)],
@@ -87,13 +92,15 @@ def test_eight_devices_match_one_device():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout[proc.stdout.index("RESULT") + 6 :])
-    one, eight = res["one"], res["eight"]
-    assert eight["n_shards"] == 8 and "fsdp" in eight["sharded"]  # really sharded over fsdp
-    for a, b in zip(one["loss"], eight["loss"], strict=True):
-        assert abs(a - b) < 1e-5, (one["loss"], eight["loss"])
+    one = res["one"]
     import numpy as np
 
-    # parameters after the first and after the second update agree
-    for a, b in zip(one["params"], eight["params"], strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+    # eight devices, and eight devices with the phrases packed (encoder/phrase_packing.py)
+    for eight in (res["eight"], res["eight_packed"]):
+        assert eight["n_shards"] == 8 and "fsdp" in eight["sharded"]  # really sharded over fsdp
+        for a, b in zip(one["loss"], eight["loss"], strict=True):
+            assert abs(a - b) < 1e-5, (one["loss"], eight["loss"])
+        # parameters after the first and after the second update agree
+        for a, b in zip(one["params"], eight["params"], strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
     assert one["loss"][1] != one["loss"][0]  # the update did something

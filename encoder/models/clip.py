@@ -68,6 +68,17 @@ class CLIP(nn.Module):
         """token_ids [B, T] int32 -> [B, E], pooled at the first EOT, unnormalised."""
         return self.text(token_ids)
 
+    def encode_text_packed(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segments: jax.Array,
+        pool: jax.Array,
+        first_token: jax.Array | None = None,
+    ) -> jax.Array:
+        """Packed phrases (encoder/phrase_packing.py) -> [N, E], as `encode_text` of each."""
+        return self.text.encode_packed(tokens, positions, segments, pool, first_token)
+
     # ------------------------------------------------------------------ regions
     def region_embed(self, tokens: jax.Array, boxes: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Box prompts: tokens [B, 1+N, Dv], boxes [B, M, 4] in [0, 1] of the padded square

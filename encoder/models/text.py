@@ -68,3 +68,42 @@ class TextTower(nn.Module):
         else:
             pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
         return self.proj(self.final_ln(pooled)).astype(jnp.float32)
+
+    def encode_packed(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segments: jax.Array,
+        pool: jax.Array,
+        first_token: jax.Array | None = None,
+    ) -> jax.Array:
+        """Phrases packed into rows (encoder/phrase_packing.py) -> their embeddings [N, E].
+
+        tokens, positions, segments [R, W]; pool [N] flat index r * W + c of each phrase's
+        pooled token; first_token [R] (all equal) or None: the id every phrase starts with,
+        whose row is computed once and read by all as their first key. Equals `__call__` on
+        the unpacked phrases (to rounding): a token reads the earlier tokens of its own
+        segment only, at its own position within the phrase.
+        """
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        w = tokens.shape[-1]
+        table = self.token_embed.embedding  # float32 gather, as in __call__
+        x = jnp.take(table, tokens, axis=0).astype(dt) + jnp.take(self.pos_embed, positions, axis=0).astype(
+            dt
+        )
+        causal = jnp.tril(jnp.ones((w, w), bool))
+        allowed = (segments[:, :, None] == segments[:, None, :]) & causal
+        first = None
+        if first_token is not None:  # position 0, the same for every phrase: one row
+            first = (jnp.take(table, first_token[:1], axis=0) + self.pos_embed[:1]).astype(dt)  # [1, D]
+        n = c.text_layers
+        for i in range(n - 1):
+            layer = getattr(self, f"layer_{i}")
+            x, first = layer.packed(x, allowed, first), None if first is None else layer(first[None])[0]
+        rows, cols = pool // w, pool % w
+        if n:
+            pooled = getattr(self, f"layer_{n - 1}").packed_at(x, allowed, rows, cols, first)
+        else:
+            pooled = x.reshape(-1, x.shape[-1])[pool]
+        return self.proj(self.final_ln(pooled)).astype(jnp.float32)

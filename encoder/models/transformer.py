@@ -313,15 +313,19 @@ def _merge_heads(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, -3, -2).reshape(*lead, t, h * dh)
 
 
-def _core_forward(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> tuple[jax.Array, jax.Array]:
-    """softmax(q k^T / sqrt(Dh)) v on [..., H, T, Dh]; also returns the float32 probs."""
+def _core_forward(
+    q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """softmax(q k^T / sqrt(Dh)) v on [..., H, T, Dh]; also returns the float32 probs.
+    `mask` [..., 1, Tq, Tk] (broadcast over heads): the keys each query may read."""
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum(
         "...qd,...kd->...qk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32
     )
     if causal:
         t = logits.shape[-1]
-        mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+        logits = jnp.where(jnp.tril(jnp.ones((t, t), dtype=bool)), logits, jnp.finfo(jnp.float32).min)
+    if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.einsum("...qk,...kd->...qd", probs.astype(v.dtype), v), probs
@@ -351,27 +355,34 @@ def padded_dot_product_attention(
     return y[:, :t]
 
 
-def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) -> jax.Array:
-    """softmax(q k^T / sqrt(Dh)) v on [..., H, T, Dh]: on CPU with the hand-written backward
-    of `_attention_core_cpu`, elsewhere autodiff through the same forward."""
-    return _attention_core_cpu(q, k, v, causal) if cpu_kernels() else _core_forward(q, k, v, causal)[0]
+def attention_core(
+    q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False, mask: jax.Array | None = None
+) -> jax.Array:
+    """softmax(q k^T / sqrt(Dh)) v on [..., H, T, Dh], `mask` [..., 1, Tq, Tk] the keys each
+    query may read (or None): on CPU with the hand-written backward of
+    `_attention_core_cpu`, elsewhere autodiff through the same forward."""
+    if cpu_kernels():
+        return _attention_core_cpu(q, k, v, causal, mask)
+    return _core_forward(q, k, v, causal, mask)[0]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention_core_cpu(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) -> jax.Array:
+def _attention_core_cpu(
+    q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False, mask: jax.Array | None = None
+) -> jax.Array:
     """Scaled-dot-product attention core with a hand-written backward.
 
     Forward is exactly the autodiff version. The backward saves only the float32 probs and
     spells out the four gradient GEMMs plus the softmax VJP `p * (dp - sum(dp * p))` with
     the scale folded into `ds` once: on XLA CPU this ran the core's fwd+bwd ~13% faster than
     autodiff at ViT-S/16 sizes ([32, 6, 197, 64]: 140 vs 162 ms, one thread). Masked
-    (causal) positions have p = 0, so their ds is 0 without re-applying the mask.
+    (causal or `mask`ed) positions have p = 0, so their ds is 0 without re-applying the mask.
     """
-    return _core_forward(q, k, v, causal)[0]
+    return _core_forward(q, k, v, causal, mask)[0]
 
 
-def _core_fwd(q, k, v, causal):
-    y, probs = _core_forward(q, k, v, causal)
+def _core_fwd(q, k, v, causal, mask):
+    y, probs = _core_forward(q, k, v, causal, mask)
     return y, (q, k, v, probs)
 
 
@@ -411,7 +422,7 @@ def _core_bwd(causal, res, dy):
     ds = ds.astype(q.dtype)
     dq = jnp.einsum("...qk,...kd->...qd", ds, k)
     dk = _transposed_grad(q, ds) if short else jnp.einsum("...qk,...qd->...kd", ds, q)
-    return dq, dk, dv
+    return dq, dk, dv, None  # no gradient for the mask
 
 
 _attention_core_cpu.defvjp(_core_fwd, _core_bwd)
@@ -505,6 +516,44 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         y = jnp.einsum("bhqk,bhkd->bhqd", probs, v).reshape(b, d)
         return self.out(y)
+
+    def packed(self, x: jax.Array, allowed: jax.Array, first: jax.Array | None = None) -> jax.Array:
+        """Attention within the segments of packed rows (encoder/phrase_packing.py).
+
+        x [R, W, D]; allowed [R, W, W] which key each query may read (the earlier tokens of
+        its own segment); first [1, D] or None: a row that every query also reads as its
+        first key (the shared position 0, computed once: its key and value are broadcast to
+        every row, whose gradients the broadcast sums). -> [R, W, D].
+        """
+        q, k, v = _split_heads(dense_2d(self.qkv, x), self.heads)  # [R, H, W, Dh]
+        if first is not None:
+            r = x.shape[0]
+            k0, v0 = (jnp.broadcast_to(a, (r, *a.shape[1:])) for a in self._kv_heads(first[None]))
+            k, v = jnp.concatenate([k0, k], axis=2), jnp.concatenate([v0, v], axis=2)
+            allowed = jnp.concatenate([jnp.ones((*allowed.shape[:2], 1), bool), allowed], axis=-1)
+        return dense_2d(self.out, _merge_heads(attention_core(q, k, v, mask=allowed[:, None])))
+
+    def packed_at(
+        self,
+        x: jax.Array,
+        allowed: jax.Array,
+        rows: jax.Array,
+        cols: jax.Array,
+        first: jax.Array | None = None,
+    ) -> jax.Array:
+        """`packed(x, allowed, first)[rows, cols]` [N, D], with q, the scores and the output
+        projection at those N positions only (the last block of the packed text pass)."""
+        r, w, d = x.shape
+        h = self.heads
+        k, v = self._kv_heads(x)  # [R, H, W, Dh]
+        q = self._qkv_columns(x.reshape(r * w, d)[rows * w + cols], 0, d).reshape(-1, h, 1, d // h)
+        k, v, mask = k[rows], v[rows], allowed[rows, cols][:, None, None, :]  # [N, H, W, Dh], [N, 1, 1, W]
+        if first is not None:
+            n = q.shape[0]
+            k0, v0 = (jnp.broadcast_to(a, (n, *a.shape[1:])) for a in self._kv_heads(first[None]))
+            k, v = jnp.concatenate([k0, k], axis=2), jnp.concatenate([v0, v], axis=2)
+            mask = jnp.concatenate([jnp.ones((n, 1, 1, 1), bool), mask], axis=-1)
+        return self.out(attention_core(q, k, v, mask=mask).reshape(-1, d))
 
     def prefix_cache(self, prefix: jax.Array, queries: int) -> PrefixCache:
         """What `with_prefix` needs of a shared (normalised) prefix [B, S, D] that `queries`
@@ -602,6 +651,30 @@ class Block(nn.Module):
         x_rows = jnp.take_along_axis(x, rows[:, None, None], axis=1)[:, 0]
         x = x_rows + self.attn.at_rows(self.ln1(x), rows)
         return x + self.mlp(self.ln2(x))
+
+    def packed(self, x: jax.Array, allowed: jax.Array, first: jax.Array | None = None) -> jax.Array:
+        """x [R, W, D] packed rows (`Attention.packed`), first [1, D] the shared position-0 row
+        (this block's input there) or None -> the block's output [R, W, D]."""
+        ln_first = None if first is None else self.ln1(first)
+        x = x + self.attn.packed(self.ln1(x), allowed, ln_first)
+        return x + self.mlp(self.ln2(x))
+
+    def packed_at(
+        self,
+        x: jax.Array,
+        allowed: jax.Array,
+        rows: jax.Array,
+        cols: jax.Array,
+        first: jax.Array | None = None,
+    ) -> jax.Array:
+        """`packed(x, allowed, first)[rows, cols]` [N, D], the MLP and the attention's query
+        side at those positions only (the text tower's last block, as `at_rows`)."""
+        r, w, d = x.shape
+        ln_first = None if first is None else self.ln1(first)
+        y = x.reshape(r * w, d)[rows * w + cols] + self.attn.packed_at(
+            self.ln1(x), allowed, rows, cols, ln_first
+        )
+        return y + self.mlp(self.ln2(y))
 
     def prefix_cache(self, prefix: jax.Array, queries: int) -> PrefixCache:
         """prefix [B, S, D] shared tokens that `queries` prompt rows an image attend to -> what

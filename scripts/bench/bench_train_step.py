@@ -19,9 +19,12 @@ same work on both sides (CLIP softmax loss; HF `return_loss=True`). The CLOC ste
 region-text, prompter and grounding terms over M=4 regions an image; its region phrases are
 SOT + 2-6 random words + EOT padded to 16 tokens, then cut after the longest first EOT to a
 bucket length (8 here) exactly as the trainer does (`trim_region_text`), then each distinct
-phrase is encoded once (`dedup_region_text`, the trainer's `data.dedup_phrases`). The variant
-`jax:cloc_nodedup:einsum` skips the de-duplication, `jax:cloc_untrimmed:einsum` both (all 16
-tokens). `--phrases world` draws the phrases from the synthetic world's 112 instead of random
+phrase is encoded once (`dedup_region_text`, the trainer's `data.dedup_phrases`), then the
+phrases are packed end to end into rows of 16 tokens with their shared SOT computed once
+(`pack_region_phrases`, the trainer's `data.pack_phrases`). The variant
+`jax:cloc_unpacked:einsum` skips the packing (the CLOC step before session 9),
+`jax:cloc_nodedup:einsum` the packing and the de-duplication, `jax:cloc_untrimmed:einsum` all
+three (all 16 tokens). `--phrases world` draws the phrases from the synthetic world's 112 instead of random
 words: real phrase data repeats, the random phrases never do (report both).
 Captions are 32 tokens with EOT at position 20, cut to 24 on both sides as the trainer cuts
 them (`trim_captions`; before session 8 both sides ran all 32).
@@ -177,14 +180,21 @@ def timed_steps(mc, mode: str, host: dict, steps: int, clock=time.perf_counter) 
 def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
     from clocmllm.encoder.flops import batch_step_flops
     from clocmllm.encoder.input_pipeline import dedup_region_text, trim_region_text
+    from clocmllm.encoder.phrase_packing import pack_region_phrases
 
     mc = model_config(preset, impl)
     host = step_batch(mc, BATCH[preset])
-    if mode in ("cloc", "cloc_nodedup"):  # as the trainer does: phrases cut after their longest first EOT
+    if mode in (
+        "cloc",
+        "cloc_unpacked",
+        "cloc_nodedup",
+    ):  # as the trainer does: phrases cut after their longest first EOT
         host = trim_region_text(host, mc.eot_token_id)
     unique = len(np.unique(host["region_text"].reshape(-1, host["region_text"].shape[-1]), axis=0))
-    if mode == "cloc":  # ... and each distinct phrase encoded once (data.dedup_phrases)
+    if mode in ("cloc", "cloc_unpacked"):  # ... each distinct phrase encoded once (data.dedup_phrases)
         host = dedup_region_text(host)
+    if mode == "cloc":  # ... and the phrases packed into rows of real tokens (data.pack_phrases)
+        host = pack_region_phrases(host, mc.eot_token_id)
     if mode == "clip_tokens":
         # The CLIP step as HF's CLIPModel (and our trainer before session 8) computes it: the
         # last vision block over every token, although the loss reads the class token only.
@@ -207,6 +217,10 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
         out["phrases"] = f"{unique}/{host['region_valid'].size}"
         if "region_phrases" in host:
             out["phrases"] += f" -> {len(host['region_phrases'])} rows"
+        if "region_pack_tokens" in host:
+            r, w = host["region_pack_tokens"].shape
+            shared = ", shared first token" if "region_pack_sot" in host else ""
+            out["phrases"] += f" -> packed {r} x {w} tokens{shared}"
     return out
 
 
@@ -478,7 +492,8 @@ def main() -> None:
                 print(f"  {kind}: distinct/all phrases {res['phrases']}")
         whats = {
             "jax:cloc:einsum": "",
-            "jax:cloc_nodedup:einsum": ", phrases not de-duplicated",
+            "jax:cloc_unpacked:einsum": ", phrases not packed",
+            "jax:cloc_nodedup:einsum": ", phrases not de-duplicated nor packed",
             "jax:cloc_untrimmed:einsum": ", phrases untrimmed, not de-duplicated",
         }
         bases = {"jax:clip:einsum": "our CLIP step", "jax:clip_tokens:einsum": "the all-tokens CLIP step"}
