@@ -120,19 +120,25 @@ def train_step_flops(
     phrase_tokens: int = 0,
     image_tokens: bool = False,
     packed: tuple[int, int, bool] | None = None,
+    text_packed: tuple[int, int, bool] | None = None,
 ) -> int:
     """Model FLOPs of one training step (forward + backward) on `batch` image-text pairs.
 
     CLIP: `regions = 0`. CLOC: `regions` boxes an image and `phrases` region phrases of
     `phrase_tokens` tokens in the batch (B * M, or fewer when the trainer encodes each
     distinct phrase once). `packed` = (rows, width, shared first row): the phrases packed
-    (encoder/phrase_packing.py), `phrases` of them pooled. The contrastive logits (B x B x E)
+    (encoder/text_packing.py), `phrases` of them pooled; `text_packed` the same for the
+    `batch` captions. The contrastive logits (B x B x E)
     are counted; losses' elementwise work is not. The CLIP step runs the last vision block
     at the class token only; `image_tokens` counts it over every token, as CLOC (always) and
     HF's CLIPModel do.
     """
     pooled = not regions and not image_tokens
-    fwd = vision_forward_flops(cfg, batch, pooled=pooled) + text_forward_flops(cfg, batch, text_tokens)
+    fwd = vision_forward_flops(cfg, batch, pooled=pooled)
+    if text_packed:
+        fwd += packed_text_forward_flops(cfg, text_packed[0], text_packed[1], batch, text_packed[2])
+    else:
+        fwd += text_forward_flops(cfg, batch, text_tokens)
     fwd += 2 * batch * batch * cfg.embed_dim
     if regions:
         fwd += prompter_forward_flops(cfg, batch, regions)
@@ -149,20 +155,24 @@ def batch_step_flops(cfg: ModelConfig, batch, image_tokens: bool = False) -> int
     """`train_step_flops` for a host batch as the CLIP / CLOC step sees it: captions of their
     length, and the region phrases as encoded (distinct rows after `dedup_region_text`, at
     their trimmed length, or packed rows after `pack_region_phrases`). The global batch: divide by the device count for per-chip FLOPs."""
-    b, t = batch["text"].shape
+    if "text_pack_tokens" in batch:
+        b, t = len(batch["text_pack_pool"]), None
+        text = {"text_packed": (*batch["text_pack_tokens"].shape, "text_pack_sot" in batch)}
+    else:
+        (b, t), text = batch["text"].shape, {}
     if "region_valid" not in batch:
-        return train_step_flops(cfg, b, text_tokens=t, image_tokens=image_tokens)
+        return train_step_flops(cfg, b, text_tokens=t, image_tokens=image_tokens, **text)
     m = batch["region_valid"].shape[1]
     if "region_pack_tokens" in batch:
         rows, width = batch["region_pack_tokens"].shape
         first = "region_pack_sot" in batch
-        return train_step_flops(
-            cfg, b, t, regions=m, phrases=len(batch["region_pack_pool"]), packed=(rows, width, first)
-        )
+        n = len(batch["region_pack_pool"])
+        return train_step_flops(cfg, b, t, regions=m, phrases=n, packed=(rows, width, first), **text)
     phrases = batch.get("region_phrases")
     if phrases is None:
         phrases = batch["region_text"].reshape(-1, batch["region_text"].shape[-1])
-    return train_step_flops(cfg, b, t, regions=m, phrases=len(phrases), phrase_tokens=phrases.shape[-1])
+    n, pt = phrases.shape
+    return train_step_flops(cfg, b, t, regions=m, phrases=n, phrase_tokens=pt, **text)
 
 
 # Dense bf16 peak of one chip, FLOP/s, by `jax.devices()[0].device_kind` prefix (vendor data sheets).

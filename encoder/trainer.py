@@ -63,8 +63,11 @@ DEFAULTS: dict[str, Any] = {
         "dedup_phrases": True,
         # CLOC: lay the region phrases end to end in rows of 16+ tokens, each attending to its
         # own tokens only, and compute a shared first token (SOT) once (exact; single process
-        # only, see encoder/phrase_packing.py)
+        # only, see encoder/text_packing.py)
         "pack_phrases": True,
+        # CLOC recipe, both modes: the same for the captions, once that saves >= 10% of their
+        # tokens (captions vary in length more than phrases; encoder/text_packing.py)
+        "pack_captions": True,
         "threads": 2,
         "prefetch": 2,
         "strict": False,
@@ -270,20 +273,25 @@ def make_loss_fn(model, cfg: dict):
     mode, kind = cfg["mode"], cfg["loss"]
     text_filter = float(cfg["cloc"]["text_filter"])
 
+    def packed_text(m, batch, prefix):  # sequences packed into rows (encoder/text_packing.py)
+        keys = ("tokens", "positions", "segments", "pool")
+        return m.encode_text_packed(*(batch[f"{prefix}_{k}"] for k in keys), batch.get(f"{prefix}_sot"))
+
+    def captions(m, batch):
+        return (
+            packed_text(m, batch, "text_pack")
+            if "text_pack_tokens" in batch
+            else m.encode_text(batch["text"])
+        )
+
     def forward(m, batch):
         if mode != "cloc":  # the embedding alone: the last vision block at the class token only
-            return {"image_emb": m.encode_image(batch["images"]), "text_emb": m.encode_text(batch["text"])}
+            return {"image_emb": m.encode_image(batch["images"]), "text_emb": captions(m, batch)}
         tokens = m.encode_image_tokens(batch["images"])
-        out = {"image_emb": m.pool_image(tokens), "text_emb": m.encode_text(batch["text"])}
+        out = {"image_emb": m.pool_image(tokens), "text_emb": captions(m, batch)}
         # region phrases use their own (shorter) token length, so a separate tower call
         if "region_pack_tokens" in batch:  # phrases packed into rows (`pack_region_phrases`)
-            rtext = m.encode_text_packed(
-                batch["region_pack_tokens"],
-                batch["region_pack_positions"],
-                batch["region_pack_segments"],
-                batch["region_pack_pool"],
-                batch.get("region_pack_sot"),
-            )[batch["region_phrase_index"]]
+            rtext = packed_text(m, batch, "region_pack")[batch["region_phrase_index"]]
         elif "region_phrase_index" in batch:  # distinct phrases once (`dedup_region_text`)
             rtext = m.encode_text(batch["region_phrases"])[batch["region_phrase_index"]]
         else:
@@ -503,8 +511,8 @@ def train(
     )
     from clocmllm.encoder.models.clip import CLIP
     from clocmllm.encoder.optimizer import build_optimizer
-    from clocmllm.encoder.phrase_packing import PhrasePacker
     from clocmllm.encoder.sharding import batch_sharding, make_mesh, maybe_initialize_distributed, shard_batch
+    from clocmllm.encoder.text_packing import Packer
 
     # ---- config, workdir, compatibility
     cfg = resolve_config(config, data, steps)
@@ -626,13 +634,16 @@ def train(
     # ... and each distinct phrase encoded once (the rocket recipe reads `region_text` itself)
     dedup = trim_phrases and cfg["recipe"] == "cloc" and bool(cfg["data"]["dedup_phrases"])
     dedup_phrases = PhraseDedup(align=mesh.devices.size) if dedup else None
-    # ... and packed into rows of real tokens (encoder/phrase_packing.py)
+    # ... and packed into rows of real tokens (encoder/text_packing.py)
     pack = trim_phrases and cfg["recipe"] == "cloc" and bool(cfg["data"]["pack_phrases"])
-    pack_phrases = PhrasePacker(mc.eot_token_id, align=mesh.devices.size) if pack else None
+    pack_phrases = Packer("phrases", mc.eot_token_id, align=mesh.devices.size) if pack else None
     # captions cut after the batch's longest first EOT (exact, see trim_captions), the length
     # only growing over the run (few compiles); the rocket / LCL recipes read `text` themselves
     trim_text = cfg["recipe"] == "cloc" and jax.process_count() == 1
     caption_len = 0
+    # ... and packed into rows when that saves tokens (encoder/text_packing.py)
+    pack_text = trim_text and bool(cfg["data"]["pack_captions"])
+    pack_captions = Packer("captions", mc.eot_token_id, align=mesh.devices.size) if pack_text else None
     bar = tqdm(
         total=total, initial=start, desc="pretrain", disable=not cfg["progress"] or jax.process_index() != 0
     )
@@ -652,6 +663,8 @@ def train(
                 host = dedup_phrases(host)
             if pack_phrases is not None:
                 host = pack_phrases(host)
+            if pack_captions is not None:
+                host = pack_captions(host)
             if step == int(cfg["debug"]["nan_at_step"]):
                 host["images"] = np.full_like(host["images"], np.nan)
             batch = shard_batch({k: v for k, v in host.items() if k != "index"}, mesh)
@@ -673,7 +686,11 @@ def train(
             if done % log_every == 0 or done == total or done == start + 1:
                 row = {"step": done, **last, "step_time": dt, "images_per_s": pcfg.batch_size / dt}
                 if cfg["recipe"] == "cloc":  # model FLOP/s of the whole mesh (encoder/flops.py)
-                    seen = host if cfg["mode"] == "cloc" else {"text": host["text"]}
+                    seen = (
+                        host
+                        if cfg["mode"] == "cloc"
+                        else {k: v for k, v in host.items() if k.startswith("text")}
+                    )
                     row["model_tflops_per_s"] = batch_step_flops(mc, seen) / dt / 1e12
                 writer.write(row)
                 bar.set_postfix(loss=f"{last['loss']:.3f}")

@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent(
              "region_boxes": np.concatenate([x1, x1 + 0.3], -1).astype(np.float32),
              "region_valid": valid, "region_text": rtext}
     # the trainer's phrase packing (rows a multiple of the device count), sharded like the rest
-    from clocmllm.encoder.phrase_packing import pack_region_phrases
+    from clocmllm.encoder.text_packing import pack_region_phrases
     packed = pack_region_phrases(batch, 3, align=8)
     assert "region_pack_sot" in packed and len(packed["region_pack_tokens"]) % 8 == 0
     out = {}
@@ -95,7 +95,7 @@ def test_eight_devices_match_one_device():
     one = res["one"]
     import numpy as np
 
-    # eight devices, and eight devices with the phrases packed (encoder/phrase_packing.py)
+    # eight devices, and eight devices with the phrases packed (encoder/text_packing.py)
     for eight in (res["eight"], res["eight_packed"]):
         assert eight["n_shards"] == 8 and "fsdp" in eight["sharded"]  # really sharded over fsdp
         for a, b in zip(one["loss"], eight["loss"], strict=True):

@@ -76,7 +76,7 @@ class CLIP(nn.Module):
         pool: jax.Array,
         first_token: jax.Array | None = None,
     ) -> jax.Array:
-        """Packed phrases (encoder/phrase_packing.py) -> [N, E], as `encode_text` of each."""
+        """Packed phrases (encoder/text_packing.py) -> [N, E], as `encode_text` of each."""
         return self.text.encode_packed(tokens, positions, segments, pool, first_token)
 
     # ------------------------------------------------------------------ regions

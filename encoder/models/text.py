@@ -77,7 +77,7 @@ class TextTower(nn.Module):
         pool: jax.Array,
         first_token: jax.Array | None = None,
     ) -> jax.Array:
-        """Phrases packed into rows (encoder/phrase_packing.py) -> their embeddings [N, E].
+        """Phrases packed into rows (encoder/text_packing.py) -> their embeddings [N, E].
 
         tokens, positions, segments [R, W]; pool [N] flat index r * W + c of each phrase's
         pooled token; first_token [R] (all equal) or None: the id every phrase starts with,

@@ -518,7 +518,7 @@ class Attention(nn.Module):
         return self.out(y)
 
     def packed(self, x: jax.Array, allowed: jax.Array, first: jax.Array | None = None) -> jax.Array:
-        """Attention within the segments of packed rows (encoder/phrase_packing.py).
+        """Attention within the segments of packed rows (encoder/text_packing.py).
 
         x [R, W, D]; allowed [R, W, W] which key each query may read (the earlier tokens of
         its own segment); first [1, D] or None: a row that every query also reads as its

@@ -1,5 +1,5 @@
-"""Region phrases packed into rows (encoder/phrase_packing.py): the packing itself, and that the
-packed text pass gives the unpacked embeddings, CLOC loss and gradients."""
+"""Captions and region phrases packed into rows (encoder/text_packing.py): the packing itself,
+and that the packed text pass gives the unpacked embeddings, CLIP / CLOC loss and gradients."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from micro import micro_model
 from clocmllm.encoder.config import load_model_config
 from clocmllm.encoder.input_pipeline import dedup_region_text, trim_region_text
 from clocmllm.encoder.models.clip import CLIP, init_params
-from clocmllm.encoder.phrase_packing import PhrasePacker, fill_rows, pack_region_phrases
+from clocmllm.encoder.text_packing import Packer, fill_rows, pack_captions, pack_region_phrases, pack_width
 
 EOT = 3
 
@@ -67,7 +67,7 @@ def test_packed_phrases_embed_as_unpacked(shared_first):
     # every read phrase's tokens up to its EOT (less the shared first) and nothing else
     lengths = [int(np.argmax(r == EOT)) + 1 if (r == EOT).any() else len(r) for r in rtext[valid]]
     assert real == sum(lengths) - first * len(lengths)
-    assert tokens.shape[1] == 16 and tokens.size < rtext.size
+    assert tokens.shape[1] == pack_width(16) == 24 and tokens.size < rtext.size
     want = model.apply({"params": params}, rtext.reshape(-1, 16), method=CLIP.encode_text)
     args = [
         pk[k]
@@ -125,14 +125,86 @@ def test_packed_region_phrases_give_the_same_cloc_loss_and_gradients(dedup):
 
 
 def test_packer_shapes_only_grow_across_batches():
-    """The trainer's `PhrasePacker`: a run's packed arrays take few shapes (one step compile
+    """The trainer's `Packer`: a run's packed arrays take few shapes (one step compile
     each), the row count and width never shrinking."""
     rng = np.random.default_rng(0)
-    packer, shapes = PhrasePacker(EOT), []
+    packer, shapes = Packer("phrases", EOT), []
     for i in range(30):
         rtext, valid = _phrase_batch(rng, b=8, m=4, t=16 if i % 7 else 24)
         out = packer({"region_text": rtext, "region_valid": valid})
         shapes.append(out["region_pack_tokens"].shape)
     assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(shapes, shapes[1:], strict=False))
     assert len(set(shapes)) <= 4, shapes
-    assert shapes[-1][1] == 24  # widened for the 24-token batch, then kept
+    assert shapes[-1][1] == pack_width(24) == 48  # widened for the 24-token batch, then kept
+
+
+def _captions(rng, b, lengths, t=32, vocab=64):
+    text = np.zeros((b, t), np.int32)
+    for i in range(b):
+        n = int(lengths[i])
+        text[i, : n + 2] = [1, *rng.integers(4, vocab, n), EOT]
+    return text
+
+
+@pytest.mark.parametrize("mode", ["clip", "cloc"])
+def test_packed_captions_give_the_same_loss_and_gradients(mode):
+    """Captions of mixed length packed into rows (`pack_captions`): same CLIP / CLOC loss and
+    gradients as the trimmed captions, in caption order (the contrastive loss reads it)."""
+    from clocmllm.encoder.input_pipeline import trim_captions
+    from clocmllm.encoder.trainer import DEFAULTS, deep_merge, make_loss_fn
+
+    mc = load_model_config("tiny", micro_model(context_length=32, eot_token_id=EOT))
+    model, params = CLIP(mc), init_params(mc, 0)
+    rng = np.random.default_rng(2)
+    b = 6
+    text = _captions(rng, b, [20, 3, 9, 14, 2, 25])
+    rtext, valid = _phrase_batch(rng, b=b, m=2, t=32)
+    batch = {
+        "images": rng.normal(size=(b, mc.image_size, mc.image_size, 3)).astype(np.float32),
+        "text": text,
+        "region_boxes": (rng.random((b, 2, 4)) * 0.5 + [0, 0, 0.5, 0.5]).astype(np.float32),
+        "region_valid": valid,
+        "region_text": rtext,
+    }
+    if mode == "clip":
+        batch = {k: batch[k] for k in ("images", "text")}
+    trimmed = trim_captions(batch, EOT)
+    packed = pack_captions(trimmed, EOT)
+    assert "text" not in packed and "text_pack_sot" in packed
+    assert packed["text_pack_segments"].max() >= 3  # a row holds several captions
+    from clocmllm.encoder.flops import batch_step_flops, packed_text_forward_flops, text_forward_flops
+
+    rows, width = packed["text_pack_tokens"].shape  # the step's count follows the packed captions
+    saved = text_forward_flops(mc, b, trimmed["text"].shape[1]) - packed_text_forward_flops(
+        mc, rows, width, b, True
+    )
+    assert batch_step_flops(mc, trimmed) - batch_step_flops(mc, packed) == 3 * saved
+    grad = _jit(jax.value_and_grad(make_loss_fn(model, deep_merge(DEFAULTS, {"mode": mode})), has_aux=True))
+    (l_full, aux_full), g_full = grad(params, trimmed)
+    (l_pack, aux_pack), g_pack = grad(params, packed)
+    assert abs(float(l_full) - float(l_pack)) <= 1e-6
+    assert abs(float(aux_full["clip_loss"]) - float(aux_pack["clip_loss"])) <= 1e-6
+
+    def rel(a, c):
+        return float(jnp.max(jnp.abs(a - c)) / max(1.0, float(jnp.max(jnp.abs(a)))))
+
+    assert max(jax.tree.leaves(jax.tree.map(rel, g_full, g_pack))) <= 1e-5
+
+
+def test_captions_are_packed_only_once_it_pays_then_always():
+    """`Packer('captions')`: captions of one length gain nothing and stay as they are; once a
+    batch of mixed lengths saves >= 10% of the tokens, every later batch is packed (the
+    step's shape does not flip back), in shapes that only grow."""
+    rng = np.random.default_rng(3)
+    packer = Packer("captions", EOT)
+    same = {"text": _captions(rng, 32, np.full(32, 19), t=24)}  # 21 tokens each, as the bench's
+    assert "text" in packer(same) and not packer.on
+    mixed = {"text": _captions(rng, 32, rng.integers(7, 29, 32))}
+    out = packer(mixed)
+    assert (
+        packer.on and "text_pack_tokens" in out and out["text_pack_tokens"].size <= 0.9 * mixed["text"].size
+    )
+    again = packer(same)
+    assert "text_pack_tokens" in again and again["text_pack_tokens"].shape >= out["text_pack_tokens"].shape
+    with pytest.raises(ValueError, match="captions"):
+        Packer("words", EOT)
