@@ -63,11 +63,12 @@ DEFAULTS: dict[str, Any] = {
         "dedup_phrases": True,
         # CLOC: lay the region phrases end to end in rows of 16+ tokens, each attending to its
         # own tokens only, and compute a shared first token (SOT) once (exact; single process
-        # only, see encoder/text_packing.py)
-        "pack_phrases": True,
+        # only, see encoder/text_packing.py). auto: from text width 256 (it pays there, not at
+        # `tiny`'s 64: text_packing.PACK_MIN_WIDTH)
+        "pack_phrases": "auto",
         # CLOC recipe, both modes: the same for the captions, once that saves >= 10% of their
         # tokens (captions vary in length more than phrases; encoder/text_packing.py)
-        "pack_captions": True,
+        "pack_captions": "auto",
         "threads": 2,
         "prefetch": 2,
         "strict": False,
@@ -163,6 +164,9 @@ def resolve_config(config: Mapping, data: str | None = None, steps: int | None =
         raise ValueError(f"recipe: {cfg['recipe']!r} must be 'cloc', 'rocket' or 'lcl'")
     if cfg["loss"] not in ("softmax", "sigmoid"):
         raise ValueError(f"loss: {cfg['loss']!r} must be 'softmax' or 'sigmoid'")
+    for key in ("pack_phrases", "pack_captions"):
+        if not (isinstance(cfg["data"][key], bool) or cfg["data"][key] == "auto"):
+            raise ValueError(f"data.{key}: {cfg['data'][key]!r} must be true, false or 'auto'")
     model = {"preset": cfg["model"]} if isinstance(cfg["model"], str) else dict(cfg["model"])
     if "preset" in model:
         preset = model.pop("preset")
@@ -512,7 +516,7 @@ def train(
     from clocmllm.encoder.models.clip import CLIP
     from clocmllm.encoder.optimizer import build_optimizer
     from clocmllm.encoder.sharding import batch_sharding, make_mesh, maybe_initialize_distributed, shard_batch
-    from clocmllm.encoder.text_packing import Packer
+    from clocmllm.encoder.text_packing import Packer, wants_packing
 
     # ---- config, workdir, compatibility
     cfg = resolve_config(config, data, steps)
@@ -635,14 +639,16 @@ def train(
     dedup = trim_phrases and cfg["recipe"] == "cloc" and bool(cfg["data"]["dedup_phrases"])
     dedup_phrases = PhraseDedup(align=mesh.devices.size) if dedup else None
     # ... and packed into rows of real tokens (encoder/text_packing.py)
-    pack = trim_phrases and cfg["recipe"] == "cloc" and bool(cfg["data"]["pack_phrases"])
+    pack = (
+        trim_phrases and cfg["recipe"] == "cloc" and wants_packing(cfg["data"]["pack_phrases"], mc.text_width)
+    )
     pack_phrases = Packer("phrases", mc.eot_token_id, align=mesh.devices.size) if pack else None
     # captions cut after the batch's longest first EOT (exact, see trim_captions), the length
     # only growing over the run (few compiles); the rocket / LCL recipes read `text` themselves
     trim_text = cfg["recipe"] == "cloc" and jax.process_count() == 1
     caption_len = 0
     # ... and packed into rows when that saves tokens (encoder/text_packing.py)
-    pack_text = trim_text and bool(cfg["data"]["pack_captions"])
+    pack_text = trim_text and wants_packing(cfg["data"]["pack_captions"], mc.text_width)
     pack_captions = Packer("captions", mc.eot_token_id, align=mesh.devices.size) if pack_text else None
     bar = tqdm(
         total=total, initial=start, desc="pretrain", disable=not cfg["progress"] or jax.process_index() != 0

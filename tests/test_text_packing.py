@@ -12,7 +12,14 @@ from micro import micro_model
 from clocmllm.encoder.config import load_model_config
 from clocmllm.encoder.input_pipeline import dedup_region_text, trim_region_text
 from clocmllm.encoder.models.clip import CLIP, init_params
-from clocmllm.encoder.text_packing import Packer, fill_rows, pack_captions, pack_region_phrases, pack_width
+from clocmllm.encoder.text_packing import (
+    Packer,
+    fill_rows,
+    pack_captions,
+    pack_region_phrases,
+    pack_width,
+    wants_packing,
+)
 
 EOT = 3
 
@@ -208,3 +215,10 @@ def test_captions_are_packed_only_once_it_pays_then_always():
     assert "text_pack_tokens" in again and again["text_pack_tokens"].shape >= out["text_pack_tokens"].shape
     with pytest.raises(ValueError, match="captions"):
         Packer("words", EOT)
+
+
+def test_auto_packs_from_a_text_width_of_256():
+    assert wants_packing("auto", 384) and wants_packing("auto", 256) and not wants_packing("auto", 64)
+    assert wants_packing(True, 64) and not wants_packing(False, 512)
+    with pytest.raises(ValueError, match="auto"):
+        wants_packing("yes", 384)

@@ -152,6 +152,28 @@ def test_reference_run_learns_and_writes_outputs(run_a):
     )
 
 
+def test_packed_text_run_matches_the_unpacked_run(setup, run_a):
+    """The trainer with captions and phrases packed into rows (encoder/text_packing.py; `auto`
+    leaves them unpacked at these widths, so forced on here) takes the same steps as the
+    reference run, to rounding."""
+    workdir = setup[0] / "packed"
+    proc = cli(setup, workdir, "--set", "data.pack_phrases=true", "--set", "data.pack_captions=true")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ref = {m["step"]: m for m in metrics(run_a) if "loss" in m}
+    got = {m["step"]: m for m in metrics(workdir) if "loss" in m}
+    assert sorted(got) == sorted(ref) == list(range(1, 9))
+    for step, m in ref.items():
+        for key in ("loss", "clip_loss", "region_loss", "grad_norm"):
+            assert abs(got[step][key] - m[key]) <= 1e-4 * max(1.0, abs(m[key])), (
+                step,
+                key,
+                got[step][key],
+                m[key],
+            )
+    bad = cli(setup, setup[0] / "bad", "--set", "data.pack_phrases=sometimes")
+    assert bad.returncode != 0 and "data.pack_phrases" in bad.stdout + bad.stderr
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup):
     from clocmllm.encoder.checkpoints import restore_params
 
