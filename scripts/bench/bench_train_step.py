@@ -21,11 +21,14 @@ SOT + 2-6 random words + EOT padded to 16 tokens, then cut after the longest fir
 bucket length (8 here) exactly as the trainer does (`trim_region_text`), then each distinct
 phrase is encoded once (`dedup_region_text`, the trainer's `data.dedup_phrases`), then the
 phrases are packed end to end into rows of 16 tokens with their shared SOT computed once
-(`pack_region_phrases`, the trainer's `data.pack_phrases`). The variant
-`jax:cloc_unpacked:einsum` skips the packing (the CLOC step before session 9),
-`jax:cloc_nodedup:einsum` the packing and the de-duplication, `jax:cloc_untrimmed:einsum` all
-three (all 16 tokens). `--phrases world` draws the phrases from the synthetic world's 112 instead of random
-words: real phrase data repeats, the random phrases never do (report both).
+(`pack_region_phrases`) where the trainer's `data.pack_phrases: auto` packs (text width >=
+256: ViT-S/16, not tiny). `jax:cloc_packed:einsum` always packs, `jax:cloc_unpacked:einsum`
+never (the CLOC step before session 9), `jax:cloc_nodedup:einsum` neither packs nor
+de-duplicates, `jax:cloc_untrimmed:einsum` does none of the three (all 16 tokens).
+Captions are never packed here: the trainer's `data.pack_captions` is off by default, and
+this bench's captions are of one length, which packing cannot shorten. `--phrases world`
+draws the phrases from the synthetic world's 112 instead of random words: real phrase data
+repeats, the random phrases never do (report both).
 Captions are 32 tokens with EOT at position 20, cut to 24 on both sides as the trainer cuts
 them (`trim_captions`; before session 8 both sides ran all 32).
 Our CLIP step runs the last vision block at the class token only (`VisionTower.embed`); the
@@ -180,20 +183,18 @@ def timed_steps(mc, mode: str, host: dict, steps: int, clock=time.perf_counter) 
 def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
     from clocmllm.encoder.flops import batch_step_flops
     from clocmllm.encoder.input_pipeline import dedup_region_text, trim_region_text
-    from clocmllm.encoder.text_packing import Packer, pack_region_phrases
+    from clocmllm.encoder.text_packing import pack_region_phrases, wants_packing
 
     mc = model_config(preset, impl)
     host = step_batch(mc, BATCH[preset])
-    if mode in (
-        "cloc",
-        "cloc_unpacked",
-        "cloc_nodedup",
-    ):  # as the trainer does: phrases cut after their longest first EOT
+    cloc = ("cloc", "cloc_packed", "cloc_unpacked")
+    if mode in (*cloc, "cloc_nodedup"):  # as the trainer does: phrases cut after their first EOT
         host = trim_region_text(host, mc.eot_token_id)
     unique = len(np.unique(host["region_text"].reshape(-1, host["region_text"].shape[-1]), axis=0))
-    if mode in ("cloc", "cloc_unpacked"):  # ... each distinct phrase encoded once (data.dedup_phrases)
+    if mode in cloc:  # ... each distinct phrase encoded once (data.dedup_phrases)
         host = dedup_region_text(host)
-    if mode == "cloc":  # ... and the phrases packed into rows of real tokens (data.pack_phrases)
+    # ... and packed into rows of real tokens where the trainer's data.pack_phrases: auto packs
+    if mode == "cloc_packed" or (mode == "cloc" and wants_packing("auto", mc.text_width)):
         host = pack_region_phrases(host, mc.eot_token_id)
     if mode == "clip_tokens":
         # The CLIP step as HF's CLIPModel (and our trainer before session 8) computes it: the
@@ -206,9 +207,6 @@ def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
         VisionTower.embed = lambda self, images: self.pool(self.tokens(images))
     if mode in ("clip", "clip_tokens"):
         host = {k: host[k] for k in ("images", "text")}
-    # the trainer packs captions only where that saves >= 10% of their tokens
-    # (data.pack_captions): this bench's captions are all one length, so it never does
-    host = Packer("captions", mc.eot_token_id)(host)
     res = timed_steps(mc, "clip" if mode in ("clip", "clip_tokens") else "cloc", host, steps, clock)
     out = {
         "compile_s": res["compile_s"],
@@ -499,6 +497,7 @@ def main() -> None:
                 print(f"  {kind}: captions {res['captions']}")
         whats = {
             "jax:cloc:einsum": "",
+            "jax:cloc_packed:einsum": ", phrases packed",
             "jax:cloc_unpacked:einsum": ", phrases not packed",
             "jax:cloc_nodedup:einsum": ", phrases not de-duplicated nor packed",
             "jax:cloc_untrimmed:einsum": ", phrases untrimmed, not de-duplicated",
