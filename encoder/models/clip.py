@@ -76,7 +76,8 @@ class CLIP(nn.Module):
         pool: jax.Array,
         first_token: jax.Array | None = None,
     ) -> jax.Array:
-        """Packed phrases (encoder/text_packing.py) -> [N, E], as `encode_text` of each."""
+        """Packed phrases or captions (encoder/text_packing.py) -> [N, E], as `encode_text`
+        of each."""
         return self.text.encode_packed(tokens, positions, segments, pool, first_token)
 
     # ------------------------------------------------------------------ regions

@@ -77,25 +77,25 @@ class TextTower(nn.Module):
         pool: jax.Array,
         first_token: jax.Array | None = None,
     ) -> jax.Array:
-        """Phrases packed into rows (encoder/text_packing.py) -> their embeddings [N, E].
+        """Sequences (phrases or captions) packed into rows (encoder/text_packing.py) -> their
+        embeddings [N, E].
 
-        tokens, positions, segments [R, W]; pool [N] flat index r * W + c of each phrase's
-        pooled token; first_token [R] (all equal) or None: the id every phrase starts with,
+        tokens, positions, segments [R, W]; pool [N] flat index r * W + c of each sequence's
+        pooled token; first_token [R] (all equal) or None: the id every sequence starts with,
         whose row is computed once and read by all as their first key. Equals `__call__` on
-        the unpacked phrases (to rounding): a token reads the earlier tokens of its own
-        segment only, at its own position within the phrase.
+        the unpacked sequences (to rounding): a token reads the earlier tokens of its own
+        segment only, at its own position within its sequence.
         """
         c = self.config
         dt = jnp.dtype(c.dtype)
         w = tokens.shape[-1]
         table = self.token_embed.embedding  # float32 gather, as in __call__
-        x = jnp.take(table, tokens, axis=0).astype(dt) + jnp.take(self.pos_embed, positions, axis=0).astype(
-            dt
-        )
+        pos = jnp.take(self.pos_embed, positions, axis=0)
+        x = jnp.take(table, tokens, axis=0).astype(dt) + pos.astype(dt)
         causal = jnp.tril(jnp.ones((w, w), bool))
         allowed = (segments[:, :, None] == segments[:, None, :]) & causal
         first = None
-        if first_token is not None:  # position 0, the same for every phrase: one row
+        if first_token is not None:  # position 0, the same for every sequence: one row
             first = (jnp.take(table, first_token[:1], axis=0) + self.pos_embed[:1]).astype(dt)  # [1, D]
         n = c.text_layers
         for i in range(n - 1):
