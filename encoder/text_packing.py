@@ -144,14 +144,21 @@ def pack_rows(
     rows = phrase_count_bucket(max(count, 1), max(n, 1), align, steps=32, min_grain=4, floor=min_rows)
     out = {k: np.zeros((rows, width), np.int32) for k in ("tokens", "positions", "segments")}
     out["pool"] = np.zeros(n, np.int32)
-    seg_of_row = np.zeros(rows, np.int32)
-    for p, r, c in zip(items, row, col, strict=True):
-        k = int(lengths[p])
-        seg_of_row[r] += 1
-        out["tokens"][r, c : c + k] = seqs[p, start : start + k]
-        out["positions"][r, c : c + k] = np.arange(start, start + k)
-        out["segments"][r, c : c + k] = seg_of_row[r]
-        out["pool"][p] = r * width + c + k - 1
+    # every packed token at once: its source (sequence, column) and its place (flat r * W + c)
+    lens = lengths[items]
+    first_slot = row * width + col
+    offset = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    dst = np.repeat(first_slot, lens) + offset
+    out["tokens"].flat[dst] = seqs[np.repeat(items, lens), start + offset]
+    out["positions"].flat[dst] = start + offset
+    # segment number = the sequence's rank by column within its row, from 1
+    order = np.lexsort((col, row))
+    rank = np.empty(len(items), np.int64)
+    new_row = np.r_[True, row[order][1:] != row[order][:-1]] if len(items) else np.zeros(0, bool)
+    group_start = np.maximum.accumulate(np.where(new_row, np.arange(len(items)), 0)) if len(items) else order
+    rank[order] = np.arange(len(items)) - group_start + 1
+    out["segments"].flat[dst] = np.repeat(rank, lens)
+    out["pool"][items] = first_slot + lens - 1
     if shared:
         out["sot"] = np.full(rows, first[0], np.int32)
     return out
