@@ -209,6 +209,13 @@ class RegionDataset:
 PHRASE_BUCKETS = (4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
+def pooled_positions(tokens: np.ndarray, eot_token_id: int) -> np.ndarray:
+    """Index of each row's first EOT [...], its last position when it has none: where the text
+    tower pools (`models.text.first_eot_index`)."""
+    is_eot = tokens == eot_token_id
+    return np.where(is_eot.any(-1), is_eot.argmax(-1), tokens.shape[-1] - 1)
+
+
 def phrase_length(tokens: np.ndarray, valid: np.ndarray, eot_token_id: int) -> int:
     """Shortest length [.., :L] that keeps the first EOT of every valid row of `tokens` [.., T].
 
@@ -216,10 +223,7 @@ def phrase_length(tokens: np.ndarray, valid: np.ndarray, eot_token_id: int) -> i
     text tower pools such a row at its last position. Invalid rows do not count (their
     embeddings are masked out of every loss term).
     """
-    t = tokens.shape[-1]
-    is_eot = tokens == eot_token_id
-    need = np.where(is_eot.any(-1), is_eot.argmax(-1) + 1, t)
-    need = np.where(valid.astype(bool), need, 0)
+    need = np.where(valid.astype(bool), pooled_positions(tokens, eot_token_id) + 1, 0)
     return int(need.max(initial=1))
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clocmllm.encoder.input_pipeline import PHRASE_BUCKETS, phrase_count_bucket
+from clocmllm.encoder.input_pipeline import PHRASE_BUCKETS, phrase_count_bucket, pooled_positions
 
 # Tokens a packed row holds at least (`pack_width`: wider for longer sequences). 16 fits 2-5
 # noun phrases a row; each token attends over W + 1 keys, ~1.5% of its FLOPs at width 384.
@@ -61,32 +61,25 @@ def wants_packing(setting: bool | str, text_width: int) -> bool:
     )
 
 
-def pooled_positions(tokens: np.ndarray, eot_token_id: int) -> np.ndarray:
-    """Index of each row's first EOT [N], its last position when it has none: where
-    `TextTower` pools (`first_eot_index`)."""
-    is_eot = tokens == eot_token_id
-    return np.where(is_eot.any(-1), is_eot.argmax(-1), tokens.shape[-1] - 1)
-
-
-def fill_rows(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Items of `lengths` (each 1..width) laid into rows of `width`: (row, start column) of
-    each item, and the row count.
+def fill_rows(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Items of `lengths` (each 1..width) laid into rows of `width`: row, start column and
+    segment number (1, 2, ... within its row) of each item, and the row count.
 
     Each row takes the longest item left, then the subset of the items left that fills the
     rest of the row best, longest items first (a bounded subset sum over the <= width
-    distinct lengths, bit sets as Python ints). Why not best-fit decreasing: with 3-7 token phrases in rows of 16 it
-    left a gap in most rows (42 rows where 39 hold the tokens); this fills rows exactly
+    distinct lengths, bit sets as Python ints). Why not best-fit decreasing: with 3-7 token
+    phrases in rows of 16 it left a gap in most rows (42 rows where 39 hold the tokens); this fills rows exactly
     whenever the lengths left allow it. Cost: O(rows * width) small integer operations.
     """
     by_len: list[list[int]] = [[] for _ in range(width + 1)]
     for i in np.argsort(lengths, kind="stable"):
         by_len[int(lengths[i])].append(int(i))
-    rows, cols = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
+    rows, cols, segments = (np.zeros(len(lengths), np.int64) for _ in range(3))
     count = 0
     while True:
         top = next((n for n in range(width, 0, -1) if by_len[n]), 0)
         if not top:
-            return rows, cols, count
+            return rows, cols, segments, count
         picked = [by_len[top].pop()]
         room = width - top
         # reach[j]: the sums (bits) reachable with the lengths room..sizes[j-1] left; the walk
@@ -106,8 +99,8 @@ def fill_rows(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, 
                 picked.append(by_len[n].pop())
                 total -= n
         col = 0
-        for i in picked:
-            rows[i], cols[i] = count, col
+        for seg, i in enumerate(picked, 1):
+            rows[i], cols[i], segments[i] = count, col, seg
             col += int(lengths[i])
         count += 1
 
@@ -140,7 +133,7 @@ def pack_rows(
     start = 1 if shared else 0
     lengths = np.where(read, pool + 1 - start, 0)
     items = np.flatnonzero(read)
-    row, col, count = fill_rows(lengths[items], width)
+    row, col, seg, count = fill_rows(lengths[items], width)
     rows = phrase_count_bucket(max(count, 1), max(n, 1), align, steps=32, min_grain=4, floor=min_rows)
     out = {k: np.zeros((rows, width), np.int32) for k in ("tokens", "positions", "segments")}
     out["pool"] = np.zeros(n, np.int32)
@@ -151,13 +144,7 @@ def pack_rows(
     dst = np.repeat(first_slot, lens) + offset
     out["tokens"].flat[dst] = seqs[np.repeat(items, lens), start + offset]
     out["positions"].flat[dst] = start + offset
-    # segment number = the sequence's rank by column within its row, from 1
-    order = np.lexsort((col, row))
-    rank = np.empty(len(items), np.int64)
-    new_row = np.r_[True, row[order][1:] != row[order][:-1]] if len(items) else np.zeros(0, bool)
-    group_start = np.maximum.accumulate(np.where(new_row, np.arange(len(items)), 0)) if len(items) else order
-    rank[order] = np.arange(len(items)) - group_start + 1
-    out["segments"].flat[dst] = np.repeat(rank, lens)
+    out["segments"].flat[dst] = np.repeat(seg, lens)
     out["pool"][items] = first_slot + lens - 1
     if shared:
         out["sot"] = np.full(rows, first[0], np.int32)

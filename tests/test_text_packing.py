@@ -36,8 +36,12 @@ def _occupancy(lengths, rows, cols, count, width):
 def test_fill_rows_places_every_item_once_and_fills_rows(low, high):
     rng = np.random.default_rng(low)
     lengths = rng.integers(low, high, 500)
-    rows, cols, count = fill_rows(lengths, 16)
+    rows, cols, segments, count = fill_rows(lengths, 16)
     occ = _occupancy(lengths, rows, cols, count, 16)
+    for r in range(count):  # segments number a row's items 1, 2, ... from its left end
+        mine = np.flatnonzero(rows == r)
+        assert sorted(segments[mine]) == list(range(1, len(mine) + 1))
+        assert (np.argsort(cols[mine]) == np.argsort(segments[mine])).all()
     assert occ.max() == 1 and occ.sum() == lengths.sum()  # no overlap, every token placed
     bound = -(-lengths.sum() // 16)
     if high > 9:  # a row holds at most one item of >= 9 tokens
@@ -85,8 +89,24 @@ def test_packed_phrases_embed_as_unpacked(shared_first):
     np.testing.assert_allclose(got[valid.reshape(-1)], np.asarray(want)[valid.reshape(-1)], atol=2e-6, rtol=0)
 
 
-def _jit(f):
-    return jax.jit(f)
+def _assert_same_loss_and_gradients(model, params, mode, want_batch, got_batch, aux_key):
+    """make_loss_fn on two batches of the same data: loss and `aux_key` to 1e-6, every
+    gradient to 1e-5 of its scale (sums in another order)."""
+    from clocmllm.encoder.trainer import DEFAULTS, deep_merge, make_loss_fn
+
+    grad = jax.jit(
+        jax.value_and_grad(make_loss_fn(model, deep_merge(DEFAULTS, {"mode": mode})), has_aux=True)
+    )
+    (l_want, aux_want), g_want = grad(params, want_batch)
+    (l_got, aux_got), g_got = grad(params, got_batch)
+    assert abs(float(l_want) - float(l_got)) <= 1e-6
+    assert abs(float(aux_want[aux_key]) - float(aux_got[aux_key])) <= 1e-6
+
+    def rel(a, c):
+        return float(jnp.max(jnp.abs(a - c)) / max(1.0, float(jnp.max(jnp.abs(a)))))
+
+    assert max(jax.tree.leaves(jax.tree.map(rel, g_want, g_got))) <= 1e-5
+    return g_got
 
 
 @pytest.mark.parametrize("dedup", [False, True])
@@ -94,8 +114,6 @@ def test_packed_region_phrases_give_the_same_cloc_loss_and_gradients(dedup):
     """Packing (after trimming, with or without de-duplication) is exact: same loss and
     gradients as the trimmed phrases, with repeated phrases, padded slots and a phrase
     without EOT."""
-    from clocmllm.encoder.trainer import DEFAULTS, deep_merge, make_loss_fn
-
     mc = load_model_config("tiny", micro_model(context_length=16, eot_token_id=EOT))
     model, params = CLIP(mc), init_params(mc, 0)
     rng = np.random.default_rng(1)
@@ -117,16 +135,7 @@ def test_packed_region_phrases_give_the_same_cloc_loss_and_gradients(dedup):
     assert ("region_phrases" in source) == dedup
     packed = pack_region_phrases(source, EOT, align=2)
     assert len(packed["region_pack_tokens"]) % 2 == 0
-    grad = _jit(jax.value_and_grad(make_loss_fn(model, deep_merge(DEFAULTS, {"mode": "cloc"})), has_aux=True))
-    (l_full, aux_full), g_full = grad(params, trimmed)
-    (l_pack, aux_pack), g_pack = grad(params, packed)
-    assert abs(float(l_full) - float(l_pack)) <= 1e-6
-    assert abs(float(aux_full["region_loss"]) - float(aux_pack["region_loss"])) <= 1e-6
-
-    def rel(a, c):  # summed in another order: relative to each gradient's scale
-        return float(jnp.max(jnp.abs(a - c)) / max(1.0, float(jnp.max(jnp.abs(a)))))
-
-    assert max(jax.tree.leaves(jax.tree.map(rel, g_full, g_pack))) <= 1e-5
+    g_pack = _assert_same_loss_and_gradients(model, params, "cloc", trimmed, packed, "region_loss")
     # the packed pass did reach the text tower's weights (not a constant)
     assert float(jnp.abs(g_pack["text"]["layer_0"]["mlp"]["fc1"]["kernel"]).max()) > 0
 
@@ -158,7 +167,6 @@ def test_packed_captions_give_the_same_loss_and_gradients(mode):
     """Captions of mixed length packed into rows (`pack_captions`): same CLIP / CLOC loss and
     gradients as the trimmed captions, in caption order (the contrastive loss reads it)."""
     from clocmllm.encoder.input_pipeline import trim_captions
-    from clocmllm.encoder.trainer import DEFAULTS, deep_merge, make_loss_fn
 
     mc = load_model_config("tiny", micro_model(context_length=32, eot_token_id=EOT))
     model, params = CLIP(mc), init_params(mc, 0)
@@ -186,16 +194,7 @@ def test_packed_captions_give_the_same_loss_and_gradients(mode):
         mc, rows, width, b, True
     )
     assert batch_step_flops(mc, trimmed) - batch_step_flops(mc, packed) == 3 * saved
-    grad = _jit(jax.value_and_grad(make_loss_fn(model, deep_merge(DEFAULTS, {"mode": mode})), has_aux=True))
-    (l_full, aux_full), g_full = grad(params, trimmed)
-    (l_pack, aux_pack), g_pack = grad(params, packed)
-    assert abs(float(l_full) - float(l_pack)) <= 1e-6
-    assert abs(float(aux_full["clip_loss"]) - float(aux_pack["clip_loss"])) <= 1e-6
-
-    def rel(a, c):
-        return float(jnp.max(jnp.abs(a - c)) / max(1.0, float(jnp.max(jnp.abs(a)))))
-
-    assert max(jax.tree.leaves(jax.tree.map(rel, g_full, g_pack))) <= 1e-5
+    _assert_same_loss_and_gradients(model, params, mode, trimmed, packed, "clip_loss")
 
 
 def test_captions_are_packed_only_once_it_pays_then_always():

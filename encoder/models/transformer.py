@@ -526,12 +526,8 @@ class Attention(nn.Module):
         every row, whose gradients the broadcast sums). -> [R, W, D].
         """
         q, k, v = _split_heads(dense_2d(self.qkv, x), self.heads)  # [R, H, W, Dh]
-        if first is not None:
-            r = x.shape[0]
-            k0, v0 = (jnp.broadcast_to(a, (r, *a.shape[1:])) for a in self._kv_heads(first[None]))
-            k, v = jnp.concatenate([k0, k], axis=2), jnp.concatenate([v0, v], axis=2)
-            allowed = jnp.concatenate([jnp.ones((*allowed.shape[:2], 1), bool), allowed], axis=-1)
-        return dense_2d(self.out, _merge_heads(attention_core(q, k, v, mask=allowed[:, None])))
+        k, v, mask = self._first_key(k, v, allowed[:, None], first)
+        return dense_2d(self.out, _merge_heads(attention_core(q, k, v, mask=mask)))
 
     def packed_at(
         self,
@@ -547,13 +543,22 @@ class Attention(nn.Module):
         h = self.heads
         k, v = self._kv_heads(x)  # [R, H, W, Dh]
         q = self._qkv_columns(x.reshape(r * w, d)[rows * w + cols], 0, d).reshape(-1, h, 1, d // h)
-        k, v, mask = k[rows], v[rows], allowed[rows, cols][:, None, None, :]  # [N, H, W, Dh], [N, 1, 1, W]
-        if first is not None:
-            n = q.shape[0]
-            k0, v0 = (jnp.broadcast_to(a, (n, *a.shape[1:])) for a in self._kv_heads(first[None]))
-            k, v = jnp.concatenate([k0, k], axis=2), jnp.concatenate([v0, v], axis=2)
-            mask = jnp.concatenate([jnp.ones((n, 1, 1, 1), bool), mask], axis=-1)
+        # [N, H, W, Dh] keys and values of each query's row, [N, 1, 1, W] which it may read
+        k, v, mask = self._first_key(k[rows], v[rows], allowed[rows, cols][:, None, None, :], first)
         return self.out(attention_core(q, k, v, mask=mask).reshape(-1, d))
+
+    def _first_key(
+        self, k: jax.Array, v: jax.Array, mask: jax.Array, first: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Keys, values [N, H, K, Dh] and mask [N, 1, Q, K] with the shared first row's key
+        and value (first [1, D], or None: unchanged) put in front, readable by every query.
+        Broadcast, so their gradients sum over the N rows."""
+        if first is None:
+            return k, v, mask
+        n = k.shape[0]
+        k0, v0 = (jnp.broadcast_to(a, (n, *a.shape[1:])) for a in self._kv_heads(first[None]))
+        seen = jnp.ones((*mask.shape[:-1], 1), bool)
+        return jnp.concatenate([k0, k], 2), jnp.concatenate([v0, v], 2), jnp.concatenate([seen, mask], -1)
 
     def prefix_cache(self, prefix: jax.Array, queries: int) -> PrefixCache:
         """What `with_prefix` needs of a shared (normalised) prefix [B, S, D] that `queries`
