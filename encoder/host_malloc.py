@@ -1,7 +1,8 @@
 """glibc malloc settings that stop XLA CPU from page-faulting its temp buffer in every step.
 
 Why: XLA CPU allocates each execution's temporaries as one buffer (102 MB for the `tiny`
-CLIP step at batch 64, GBs at ViT-S/16) from a worker thread and frees it at the end.
+CLIP step at batch 64, GBs at ViT-S/16) and frees it at the end; with JAX's asynchronous
+dispatch a worker thread takes it.
 glibc serves a request that large from a thread's own arena with a fresh `mmap` (a
 non-main arena cannot grow past 64 MB, and the dynamic mmap threshold stops at 32 MB), and
 `free` unmaps it: every step then faults ~25k zeroed pages back in. Measured at `tiny`,
@@ -10,14 +11,21 @@ with the settings below, 0 faults and 114-117 ms (docs/benchmarks.md, "where the
 goes"). PyTorch's eager step gains too (7.6k faults, 113 -> 101 ms), so the benchmark applies
 the same settings to both sides.
 
-The settings: one arena (`M_ARENA_MAX=1`, so worker threads allocate from the main heap),
-no mmap for large blocks (`M_MMAP_MAX=0`, they come from the heap and are reused), and no
-trimming of the heap top (`M_TRIM_THRESHOLD=-1`; a 1 GiB threshold still let the >1 GiB temp
-buffer of a ViT-S/16 step at batch 32 be trimmed and re-faulted every step: 793k faults,
-1.5 s of sys time a step). They only take effect for threads that have not allocated yet, so
-call `reuse_freed_memory()` before JAX creates its CPU client (first device use). Cost: freed
-memory stays in the process; malloc calls of all threads share one lock (image decoding
-threads allocate little). CLOCMLLM_MALLOC_TUNING=0 leaves malloc alone.
+The settings: no mmap for large blocks (`M_MMAP_MAX=0`, they come from the main heap and are
+reused), and no trimming of the heap top (`M_TRIM_THRESHOLD=-1`; a 1 GiB threshold still let
+the >1 GiB temp buffer of a ViT-S/16 step at batch 32 be trimmed and re-faulted every step:
+793k faults, 1.5 s of sys time a step). Call `reuse_freed_memory()` before JAX creates its
+CPU client (first device use). Cost: freed memory stays in the process.
+CLOCMLLM_MALLOC_TUNING=0 leaves malloc alone.
+
+Until session 10 the settings also capped glibc at one arena (`M_ARENA_MAX=1`), so that a
+worker thread's temp buffer came from the main heap too. With the synchronous client below
+the buffer is taken by the calling thread, which already allocates from the main heap, and
+the one arena made every thread's malloc share one lock. That cost most where several
+threads run: the `tiny` CLOC trainer on 2 cores (2k world, 300 steps) took 61.4 s with it,
+41.4 s without it (glibc defaults 44.2 s); ViT-S/16 CLIP step on 2 threads 5060 -> 4513 ms;
+one pinned thread: `tiny` 52.6 -> 48.0 ms, ViT-S/16 8403 -> 8112 ms (docs/benchmarks.md,
+item 11).
 
 The settings need a synchronous CPU client too (`synchronous_cpu_client`). With JAX's async
 dispatch a step's outputs are ready before its temp buffer is freed, so the next step can
@@ -38,7 +46,6 @@ import sys
 # glibc <malloc.h>
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
 
 _done = False
 
@@ -57,10 +64,7 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = all(
-        mallopt(param, value) == 1
-        for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-    )
+    ok = all(mallopt(param, value) == 1 for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
     _done = ok
     return ok
 

@@ -350,11 +350,24 @@ class BatchIterator:
 
     One producer thread walks the steps in order and fills a bounded queue; inside a batch
     a small thread pool decodes images in parallel. `close()` stops it (also on GC/exit).
+    `prepare` (the trainer's `batch_prep.BatchPrep`) runs on each batch in that thread, in
+    step order, so its host work overlaps the step too; when it has a `state_dict()`,
+    `prep_state` is that state as it was right after the last returned batch (the thread
+    may be batches ahead), which is what a checkpoint of that step must hold.
     """
 
-    def __init__(self, dataset: RegionDataset, start_step: int = 0, prefetch: int | None = None):
+    def __init__(
+        self,
+        dataset: RegionDataset,
+        start_step: int = 0,
+        prefetch: int | None = None,
+        prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    ):
         self.dataset = dataset
         self.step = start_step
+        self.prepare = prepare
+        snapshot = getattr(prepare, "state_dict", None)
+        self.prep_state: dict | None = snapshot() if snapshot is not None else None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch or dataset.cfg.prefetch))
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=max(1, dataset.cfg.threads))
@@ -364,9 +377,13 @@ class BatchIterator:
     def _produce(self, step: int) -> None:
         while not self._stop.is_set():
             try:
-                item = (step, self.dataset.batch(step, self._pool))
+                batch = self.dataset.batch(step, self._pool)
+                if self.prepare is not None:
+                    batch = self.prepare(batch)
+                snapshot = getattr(self.prepare, "state_dict", None)
+                item = (step, batch, snapshot() if snapshot is not None else None)
             except Exception as err:  # noqa: BLE001 - handed to the consumer, raised there
-                item = (step, err)
+                item = (step, err, None)
             while not self._stop.is_set():
                 try:
                     self._queue.put(item, timeout=0.1)
@@ -381,11 +398,12 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        step, batch = self._queue.get()
+        step, batch, prep_state = self._queue.get()
         if isinstance(batch, Exception):
             raise batch
         assert step == self.step, (step, self.step)
         self.step += 1
+        self.prep_state = prep_state
         return batch
 
     def state(self) -> dict:

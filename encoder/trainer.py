@@ -370,8 +370,9 @@ def wants_malloc_reuse(mode: str) -> bool:
 
     On the CPU the tuning removes the page faults of XLA's per-step temp buffer: `tiny` step
     -15%, ViT-S/16 batch 32 -22% (11.5 -> 9.0 s), same peak RSS (docs/benchmarks.md, "where the
-    CPU time goes", items 6 and 8). With an accelerator the host heap holds no step buffers
-    and its single arena would only serialise the data threads' mallocs.
+    CPU time goes", items 6 and 8; since item 11 without the one-arena cap, which cost the
+    2-core `tiny` trainer 1.4x its time). With an accelerator the host heap holds no step
+    buffers, so there is nothing to gain.
     """
     if mode not in ("auto", "reuse", "glibc"):
         raise ValueError(f"malloc: {mode!r} must be 'auto', 'reuse' or 'glibc'")
@@ -505,20 +506,12 @@ def train(
 
     from clocmllm.data.problems import ProblemLog
     from clocmllm.encoder import checkpoints as ck
+    from clocmllm.encoder.batch_prep import BatchPrep
     from clocmllm.encoder.flops import batch_step_flops
-    from clocmllm.encoder.input_pipeline import (
-        BatchIterator,
-        PhraseDedup,
-        PipelineConfig,
-        RegionDataset,
-        load_records,
-        trim_captions,
-        trim_region_text,
-    )
+    from clocmllm.encoder.input_pipeline import BatchIterator, PipelineConfig, RegionDataset, load_records
     from clocmllm.encoder.models.clip import CLIP
     from clocmllm.encoder.optimizer import build_optimizer
     from clocmllm.encoder.sharding import batch_sharding, make_mesh, maybe_initialize_distributed, shard_batch
-    from clocmllm.encoder.text_packing import Packer, wants_packing
 
     # ---- config, workdir, compatibility
     cfg = resolve_config(config, data, steps)
@@ -575,10 +568,12 @@ def train(
             rng=jax.device_put(np.asarray(meta["rng"], np.uint32), shardings.rng),
         )
         start = int(meta["data_step"])
+        prep_state = meta.get("prep")  # absent in checkpoints written before session 10
         log.info("resumed from %s at step %d", workdir, start)
     else:
         state = jax.jit(init, out_shardings=shardings)()
         start = 0
+        prep_state = None
 
     # ---- data
     d = cfg["data"]
@@ -633,25 +628,12 @@ def train(
     log_every = max(1, int(cfg["log_every"]))
     eval_every = int(cfg["eval_every"])
     delay = float(cfg["debug"]["step_delay_s"])
-    it = BatchIterator(dataset, start_step=start)
-    # region phrases cut to their longest first EOT (bucketed; exact, see trim_region_text);
-    # one host only, since every host's batch must have the same shape
-    trim_phrases = cfg["mode"] == "cloc" and cfg["recipe"] != "lcl" and jax.process_count() == 1
-    # ... and each distinct phrase encoded once (the rocket recipe reads `region_text` itself)
-    dedup = trim_phrases and cfg["recipe"] == "cloc" and bool(cfg["data"]["dedup_phrases"])
-    dedup_phrases = PhraseDedup(align=mesh.devices.size) if dedup else None
-    # ... and packed into rows of real tokens (encoder/text_packing.py)
-    pack = (
-        trim_phrases and cfg["recipe"] == "cloc" and wants_packing(cfg["data"]["pack_phrases"], mc.text_width)
-    )
-    pack_phrases = Packer("phrases", mc.eot_token_id, align=mesh.devices.size) if pack else None
-    # captions cut after the batch's longest first EOT (exact, see trim_captions), the length
-    # only growing over the run (few compiles); the rocket / LCL recipes read `text` themselves
-    trim_text = cfg["recipe"] == "cloc" and jax.process_count() == 1
-    caption_len = 0
-    # ... and packed into rows when that saves tokens (encoder/text_packing.py)
-    pack_text = trim_text and wants_packing(cfg["data"]["pack_captions"], mc.text_width)
-    pack_captions = Packer("captions", mc.eot_token_id, align=mesh.devices.size) if pack_text else None
+    # what the loader's thread does to each batch before the step (encoder/batch_prep.py):
+    # captions and phrases cut after their longest first EOT, distinct phrases once, packing;
+    # its shape floors continue from the checkpoint, so a resumed run compiles the same shapes
+    prep = BatchPrep.from_config(cfg, mc.text_width, mc.eot_token_id, mesh.devices.size, jax.process_count())
+    prep.load_state_dict(prep_state)
+    it = BatchIterator(dataset, start_step=start, prepare=prep)
     bar = tqdm(
         total=total, initial=start, desc="pretrain", disable=not cfg["progress"] or jax.process_index() != 0
     )
@@ -659,63 +641,79 @@ def train(
     t_start = time.perf_counter()
     compile_s = None
     last_eval: dict = {}
+    # A step's metrics are read while the next step runs (JAX dispatches asynchronously on
+    # accelerators), so the device does not wait for the host between steps. The run syncs
+    # before a checkpoint or an eval (the state they read is donated to the next step), at
+    # its first step (compile time) and with debug.step_delay_s. step_time is the wall time
+    # between two steps' ends: what a step costs, host work included.
+    pending = None  # (step, metrics on device, host batch) of the step not read yet
+    t_mark = time.perf_counter()
+
+    def read(p) -> None:
+        """Wait for a dispatched step's metrics; stop on a non-finite state; log a row."""
+        nonlocal last, compile_s, t_mark
+        step, metrics, host = p
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        dt, t_mark = now - t_mark, now
+        if compile_s is None:
+            compile_s = dt
+        if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm", "param_norm")):
+            good = mgr.latest_step()
+            raise TrainingDiverged(
+                f"non-finite training state at step {step}: loss={metrics['loss']}, "
+                f"grad_norm={metrics['grad_norm']}, param_norm={metrics['param_norm']}; stopped. "
+                f"Last good checkpoint: step {good} in {workdir / ck.CKPT_DIR} (the bad state was not saved)."
+            )
+        done = step + 1
+        last = {k: float(v) for k, v in metrics.items()}
+        if done % log_every == 0 or done == total or done == start + 1:
+            row = {"step": done, **last, "step_time": dt, "images_per_s": pcfg.batch_size / dt}
+            if cfg["recipe"] == "cloc":  # model FLOP/s of the whole mesh (encoder/flops.py)
+                seen = (
+                    host if cfg["mode"] == "cloc" else {k: v for k, v in host.items() if k.startswith("text")}
+                )
+                row["model_tflops_per_s"] = batch_step_flops(mc, seen) / dt / 1e12
+            writer.write(row)
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+        bar.update(1)
+
     try:
         for step in range(start, total):
             host = next(it)
-            if trim_text:
-                host = trim_captions(host, mc.eot_token_id, floor=caption_len)
-                caption_len = host["text"].shape[-1]
-            if trim_phrases:
-                host = trim_region_text(host, mc.eot_token_id)
-            if dedup_phrases is not None:
-                host = dedup_phrases(host)
-            if pack_phrases is not None:
-                host = pack_phrases(host)
-            if pack_captions is not None:
-                host = pack_captions(host)
             if step == int(cfg["debug"]["nan_at_step"]):
                 host["images"] = np.full_like(host["images"], np.nan)
             batch = shard_batch({k: v for k, v in host.items() if k != "index"}, mesh)
-            t0 = time.perf_counter()
             state, metrics = step_fn(state, batch)
-            metrics = jax.device_get(metrics)
-            dt = time.perf_counter() - t0
-            if compile_s is None:
-                compile_s = dt
-            if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm", "param_norm")):
-                good = mgr.latest_step()
-                raise TrainingDiverged(
-                    f"non-finite training state at step {step}: loss={metrics['loss']}, "
-                    f"grad_norm={metrics['grad_norm']}, param_norm={metrics['param_norm']}; stopped. "
-                    f"Last good checkpoint: step {good} in {workdir / ck.CKPT_DIR} (the bad state was not saved)."
-                )
+            if pending is not None:
+                read(pending)  # the previous step, while this one runs
+            pending = (step, metrics, host)
             done = step + 1
-            last = {k: float(v) for k, v in metrics.items()}
-            if done % log_every == 0 or done == total or done == start + 1:
-                row = {"step": done, **last, "step_time": dt, "images_per_s": pcfg.batch_size / dt}
-                if cfg["recipe"] == "cloc":  # model FLOP/s of the whole mesh (encoder/flops.py)
-                    seen = (
-                        host
-                        if cfg["mode"] == "cloc"
-                        else {k: v for k, v in host.items() if k.startswith("text")}
-                    )
-                    row["model_tflops_per_s"] = batch_step_flops(mc, seen) / dt / 1e12
-                writer.write(row)
-                bar.set_postfix(loss=f"{last['loss']:.3f}")
-            if done % every == 0 or done == total:
+            save = done % every == 0 or done == total
+            evaluate = (
+                eval_records is not None and eval_every > 0 and done % eval_every == 0 and done != total
+            )
+            if save or evaluate or done == start + 1 or delay > 0:
+                read(pending)
+                pending = None
+            if save:
                 meta = {
                     "step": done,
                     "data_step": it.step,
                     "seed": pcfg.seed,
                     "rng": np.asarray(jax.device_get(state.rng)).tolist(),
+                    "prep": it.prep_state,  # the floors after this step's batch
                 }
                 ck.save_state(mgr, done, state.params, state.opt_state, meta)
-            if eval_records is not None and eval_every > 0 and done % eval_every == 0 and done != total:
+            if evaluate:
                 last_eval = _run_eval(model, state.params, cfg, eval_records, tokenize)
                 writer.write({"step": done, **{f"eval/{k}": v for k, v in last_eval.items()}})
-            bar.update(1)
+            if save or evaluate:
+                t_mark = time.perf_counter()  # step_time counts training only
             if delay > 0:
                 time.sleep(delay)
+        if pending is not None:
+            read(pending)
         mgr.wait_until_finished()
         if eval_records is not None and cfg["eval"]["at_end"]:
             last_eval = _run_eval(model, state.params, cfg, eval_records, tokenize)

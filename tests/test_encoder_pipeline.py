@@ -225,14 +225,14 @@ def test_trim_region_text_keeps_every_valid_first_eot():
 
 
 _FAULTS_SCRIPT = """
-import ctypes, ctypes.util, resource, sys, threading
+import ctypes, ctypes.util, resource, sys
 if sys.argv[1] == "tuned":
     from clocmllm.encoder.host_malloc import reuse_freed_memory
     assert reuse_freed_memory()
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
-def work():  # what XLA does each step: a big temp buffer from a worker thread, written, freed
+def work():  # what a synchronous XLA step does: a big temp buffer from the calling thread
     n = 100 << 20
     p = libc.malloc(n)
     ctypes.memset(p, 1, n)
@@ -240,15 +240,16 @@ def work():  # what XLA does each step: a big temp buffer from a worker thread, 
 counts = []
 for _ in range(3):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    t = threading.Thread(target=work); t.start(); t.join()
+    work()
     counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(counts[-1])
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
-def test_malloc_tuning_reuses_a_big_buffer_freed_by_a_thread():
-    """host_malloc: the second 100 MB thread allocation re-faults ~24k pages without it, ~0 with it."""
+def test_malloc_tuning_reuses_a_big_freed_buffer():
+    """host_malloc: the third 100 MB allocation re-faults ~24k pages without it (glibc maps
+    blocks above 32 MB afresh each time), ~0 with it."""
     runs = {}
     for mode in ("glibc", "tuned"):
         env = {**os.environ, "CLOCMLLM_MALLOC_TUNING": "1"}
