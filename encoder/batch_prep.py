@@ -61,8 +61,8 @@ class BatchPrep:
         """The steps the trainer runs for a resolved config.
 
         Every host's batch must have the same shape, so the data-dependent cuts run on a
-        single process only. The rocket recipe reads `region_text` and `text` itself and LCL
-        has no region phrases; both get their batches as loaded (LCL keeps the caption cut).
+        single process only. The rocket and LCL recipes read `text` (rocket `region_text`
+        too) themselves: both get their batches as loaded.
         """
         from clocmllm.encoder.text_packing import wants_packing
 
