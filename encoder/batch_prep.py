@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clocmllm.encoder.input_pipeline import PhraseDedup, trim_captions, trim_region_text
-from clocmllm.encoder.text_packing import Packer
+from clocmllm.encoder.text_packing import Packer, wants_packing
 
 Batch = dict[str, np.ndarray]
 
@@ -64,8 +64,6 @@ class BatchPrep:
         single process only. The rocket and LCL recipes read `text` (rocket `region_text`
         too) themselves: both get their batches as loaded.
         """
-        from clocmllm.encoder.text_packing import wants_packing
-
         single = processes == 1
         trim_phrases = cfg["mode"] == "cloc" and cfg["recipe"] != "lcl" and single
         own_phrases = trim_phrases and cfg["recipe"] == "cloc"
@@ -127,6 +125,8 @@ class BatchPrep:
             saved = state.get(name)
             if packer is None or not saved:
                 continue
+            if not isinstance(saved, Mapping):
+                raise ValueError(f"checkpoint meta prep.{name}: {saved!r} is not a mapping")
             packer.rows = count(f"{name}.rows", saved.get("rows", 0))
             packer.width = count(f"{name}.width", saved.get("width", packer.width))
             on = saved.get("on", packer.on)

@@ -22,8 +22,9 @@ Until session 10 the settings also capped glibc at one arena (`M_ARENA_MAX=1`), 
 worker thread's temp buffer came from the main heap too. With the synchronous client below
 the buffer is taken by the calling thread, which already allocates from the main heap, and
 the one arena made every thread's malloc share one lock. That cost most where several
-threads run: the `tiny` CLOC trainer on 2 cores (2k world, 300 steps) took 61.4 s with it,
-41.4 s without it (glibc defaults 44.2 s); ViT-S/16 CLIP step on 2 threads 5060 -> 4513 ms;
+threads run: the `tiny` CLOC trainer on 2 cores (2k world, 300 steps) took 67.0 s with it,
+43.6 s without it, as long as on glibc's defaults (43.8 s;
+`scripts/bench/bench_trainer_malloc.py`); ViT-S/16 CLIP step on 2 threads 5060 -> 4513 ms;
 one pinned thread: `tiny` 52.6 -> 48.0 ms, ViT-S/16 8403 -> 8112 ms (docs/benchmarks.md,
 item 11).
 

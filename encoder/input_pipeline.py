@@ -365,9 +365,9 @@ class BatchIterator:
     ):
         self.dataset = dataset
         self.step = start_step
-        self.prepare = prepare
-        snapshot = getattr(prepare, "state_dict", None)
-        self.prep_state: dict | None = snapshot() if snapshot is not None else None
+        self._prepare = prepare
+        self._snapshot: Callable[[], dict | None] = getattr(prepare, "state_dict", lambda: None)
+        self.prep_state = self._snapshot()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch or dataset.cfg.prefetch))
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=max(1, dataset.cfg.threads))
@@ -378,10 +378,9 @@ class BatchIterator:
         while not self._stop.is_set():
             try:
                 batch = self.dataset.batch(step, self._pool)
-                if self.prepare is not None:
-                    batch = self.prepare(batch)
-                snapshot = getattr(self.prepare, "state_dict", None)
-                item = (step, batch, snapshot() if snapshot is not None else None)
+                if self._prepare is not None:
+                    batch = self._prepare(batch)
+                item = (step, batch, self._snapshot())
             except Exception as err:  # noqa: BLE001 - handed to the consumer, raised there
                 item = (step, err, None)
             while not self._stop.is_set():

@@ -50,15 +50,14 @@ PACK_WIDTH = 16
 PACK_MIN_WIDTH = 256
 
 
-def wants_packing(setting: bool | str, text_width: int) -> bool:
-    """A `data.pack_*` setting (true, false or 'auto') for a text tower of `text_width`."""
+def wants_packing(setting: bool | str, text_width: int, key: str = "data.pack_*") -> bool:
+    """A `data.pack_*` setting (true, false or 'auto') for a text tower of `text_width`;
+    ValueError naming `key` for any other value (the trainer's config check calls this)."""
     if setting == "auto":
         return text_width >= PACK_MIN_WIDTH
     if isinstance(setting, bool):
         return setting
-    raise ValueError(
-        f"data.pack_phrases / data.pack_captions: expected true, false or 'auto', got {setting!r}"
-    )
+    raise ValueError(f"{key}: {setting!r} must be true, false or 'auto'")
 
 
 def fill_rows(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

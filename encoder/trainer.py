@@ -151,6 +151,7 @@ def load_recipe(path: str | os.PathLike) -> dict:
 def resolve_config(config: Mapping, data: str | None = None, steps: int | None = None) -> dict:
     """Recipe + defaults + CLI arguments -> the full config (model section fully expanded)."""
     from clocmllm.encoder.config import ModelConfig, load_model_config
+    from clocmllm.encoder.text_packing import wants_packing
 
     _check_keys(config, DEFAULTS, "")
     if isinstance(config.get("model"), str):  # `model: tiny` is short for `model: {preset: tiny}`
@@ -166,9 +167,8 @@ def resolve_config(config: Mapping, data: str | None = None, steps: int | None =
         raise ValueError(f"recipe: {cfg['recipe']!r} must be 'cloc', 'rocket' or 'lcl'")
     if cfg["loss"] not in ("softmax", "sigmoid"):
         raise ValueError(f"loss: {cfg['loss']!r} must be 'softmax' or 'sigmoid'")
-    for key in ("pack_phrases", "pack_captions"):
-        if not (isinstance(cfg["data"][key], bool) or cfg["data"][key] == "auto"):
-            raise ValueError(f"data.{key}: {cfg['data'][key]!r} must be true, false or 'auto'")
+    for key in ("pack_phrases", "pack_captions"):  # refused here, before any work
+        wants_packing(cfg["data"][key], 0, f"data.{key}")
     model = {"preset": cfg["model"]} if isinstance(cfg["model"], str) else dict(cfg["model"])
     if "preset" in model:
         preset = model.pop("preset")
@@ -712,9 +712,7 @@ def train(
                 t_mark = time.perf_counter()  # step_time counts training only
             if delay > 0:
                 time.sleep(delay)
-        if pending is not None:
-            read(pending)
-        mgr.wait_until_finished()
+        mgr.wait_until_finished()  # the last step saved, so no step is left unread
         if eval_records is not None and cfg["eval"]["at_end"]:
             last_eval = _run_eval(model, state.params, cfg, eval_records, tokenize)
             writer.write({"step": total, **{f"eval/{k}": v for k, v in last_eval.items()}})

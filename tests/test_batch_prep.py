@@ -91,6 +91,7 @@ def test_an_old_checkpoint_without_floors_starts_from_zero():
         ({"dedup_rows": "8"}, "prep.dedup_rows"),
         ({"phrase_pack": {"rows": True}}, "prep.phrase_pack.rows"),
         ({"caption_pack": {"rows": 1, "on": 1}}, "prep.caption_pack.on"),
+        ({"phrase_pack": [4, 16]}, "prep.phrase_pack"),
     ],
 )
 def test_bad_saved_floors_are_refused_by_name(state, field):

@@ -181,21 +181,25 @@ def timed_steps(mc, mode: str, host: dict, steps: int, clock=time.perf_counter) 
 
 
 def run_jax(preset: str, mode: str, steps: int, impl: str) -> dict:
+    from clocmllm.encoder.batch_prep import BatchPrep, PrepSettings
     from clocmllm.encoder.flops import batch_step_flops
-    from clocmllm.encoder.input_pipeline import dedup_region_text, trim_region_text
-    from clocmllm.encoder.text_packing import pack_region_phrases, wants_packing
+    from clocmllm.encoder.text_packing import wants_packing
 
     mc = model_config(preset, impl)
-    host = step_batch(mc, BATCH[preset])
-    cloc = ("cloc", "cloc_packed", "cloc_unpacked")
-    if mode in (*cloc, "cloc_nodedup"):  # as the trainer does: phrases cut after their first EOT
-        host = trim_region_text(host, mc.eot_token_id)
+    host = step_batch(mc, BATCH[preset])  # captions already cut, on both sides
+    # distinct phrases; the cut after the first EOT keeps rows apart (only padding follows it)
     unique = len(np.unique(host["region_text"].reshape(-1, host["region_text"].shape[-1]), axis=0))
-    if mode in cloc:  # ... each distinct phrase encoded once (data.dedup_phrases)
-        host = dedup_region_text(host)
-    # ... and packed into rows of real tokens where the trainer's data.pack_phrases: auto packs
-    if mode == "cloc_packed" or (mode == "cloc" and wants_packing("auto", mc.text_width)):
-        host = pack_region_phrases(host, mc.eot_token_id)
+    # the trainer's batch preparation (encoder/batch_prep.py) for one batch, per variant
+    cloc = ("cloc", "cloc_packed", "cloc_unpacked")
+    prep = BatchPrep(
+        PrepSettings(
+            eot_token_id=mc.eot_token_id,
+            trim_phrases=mode in (*cloc, "cloc_nodedup"),
+            dedup_phrases=mode in cloc,
+            pack_phrases=mode == "cloc_packed" or (mode == "cloc" and wants_packing("auto", mc.text_width)),
+        )
+    )
+    host = prep(host)
     if mode == "clip_tokens":
         # The CLIP step as HF's CLIPModel (and our trainer before session 8) computes it: the
         # last vision block over every token, although the loss reads the class token only.
