@@ -7,8 +7,8 @@ phrase kept once (`PhraseDedup`), phrases and captions packed into rows of real 
 
 Why one object with a state:
 - The shapes these steps produce only grow over a run (each keeps a floor: the longest
-  caption length, the largest phrase and packed-row counts so far), so the jitted step
-  compiles for a few shapes, not for every batch. Those floors are the state. The trainer
+  caption and phrase lengths, the largest phrase and packed-row counts so far), so the
+  jitted step compiles for a few shapes, not for every batch. Those floors are the state. The trainer
   saves it in each checkpoint's `meta["prep"]` and a resumed run starts from it, so the
   resumed run gives its step the same shapes, and the same programs, as an uninterrupted one.
 - It runs in the loader's producer thread (`BatchIterator(prepare=...)`), which walks the
@@ -50,6 +50,7 @@ class BatchPrep:
     def __init__(self, settings: PrepSettings):
         s = self.settings = settings
         self.caption_len = 0
+        self.phrase_len = 0
         self.dedup = PhraseDedup(align=s.align) if s.dedup_phrases else None
         self.phrase_packer = Packer("phrases", s.eot_token_id, align=s.align) if s.pack_phrases else None
         self.caption_packer = Packer("captions", s.eot_token_id, align=s.align) if s.pack_captions else None
@@ -86,7 +87,9 @@ class BatchPrep:
             batch = trim_captions(batch, s.eot_token_id, floor=self.caption_len)
             self.caption_len = batch["text"].shape[-1]
         if s.trim_phrases:
-            batch = trim_region_text(batch, s.eot_token_id)
+            batch = trim_region_text(batch, s.eot_token_id, floor=self.phrase_len)
+            if "region_text" in batch:
+                self.phrase_len = batch["region_text"].shape[-1]
         if self.dedup is not None:
             batch = self.dedup(batch)
         if self.phrase_packer is not None:
@@ -97,7 +100,7 @@ class BatchPrep:
 
     def state_dict(self) -> dict:
         """The shape floors, JSON-serialisable (plain ints and bools)."""
-        out: dict = {"caption_len": int(self.caption_len)}
+        out: dict = {"caption_len": int(self.caption_len), "phrase_len": int(self.phrase_len)}
         if self.dedup is not None:
             out["dedup_rows"] = int(self.dedup.rows)
         for name, packer in (("phrase_pack", self.phrase_packer), ("caption_pack", self.caption_packer)):
@@ -119,6 +122,7 @@ class BatchPrep:
             return value
 
         self.caption_len = count("caption_len", state.get("caption_len", 0))
+        self.phrase_len = count("phrase_len", state.get("phrase_len", 0))
         if self.dedup is not None:
             self.dedup.rows = count("dedup_rows", state.get("dedup_rows", 0))
         for name, packer in (("phrase_pack", self.phrase_packer), ("caption_pack", self.caption_packer)):

@@ -227,9 +227,11 @@ def phrase_length(tokens: np.ndarray, valid: np.ndarray, eot_token_id: int) -> i
     return int(need.max(initial=1))
 
 
-def trim_region_text(batch: dict[str, np.ndarray], eot_token_id: int) -> dict[str, np.ndarray]:
-    """The batch with `region_text` [b, M, T] cut to the smallest bucket length that keeps
-    every valid phrase's first EOT (`PHRASE_BUCKETS`, at most T).
+def trim_region_text(
+    batch: dict[str, np.ndarray], eot_token_id: int, floor: int = 0
+) -> dict[str, np.ndarray]:
+    """The batch with `region_text` [b, M, T] cut to the smallest bucket length, at least
+    `floor`, that keeps every valid phrase's first EOT (`PHRASE_BUCKETS`, at most T).
 
     Why this is exact: the text tower is causal and pools at the first EOT, so the tokens
     after it cannot change a phrase's embedding (nor receive gradient). Noun phrases are 2-6
@@ -237,12 +239,13 @@ def trim_region_text(batch: dict[str, np.ndarray], eot_token_id: int) -> dict[st
     phrases shrinks ~2x (3 words + SOT + EOT = 5 -> 8 tokens). Bucketing bounds the jitted
     step to a few shapes. With several hosts every host must trim to the same length, so
     the trainer only trims on a single process (tests/test_encoder_pipeline.py checks loss
-    and gradients equal trimmed vs untrimmed).
+    and gradients equal trimmed vs untrimmed). `floor`: as for `trim_captions`, the longest
+    length used so far, so a run's phrase length only grows.
     """
     if "region_text" not in batch:
         return batch
     tokens = batch["region_text"]
-    need = phrase_length(tokens, batch["region_valid"], eot_token_id)
+    need = max(phrase_length(tokens, batch["region_valid"], eot_token_id), floor)
     return {**batch, "region_text": _cut_to_bucket(tokens, need)}
 
 

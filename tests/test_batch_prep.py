@@ -76,6 +76,19 @@ def test_a_prep_loaded_with_the_saved_floors_continues_as_the_uninterrupted_one(
     assert resumed.state_dict() == whole.state_dict()
 
 
+def test_phrase_and_caption_lengths_only_grow_over_a_run():
+    trim_only = PrepSettings(eot_token_id=EOT, trim_captions=True, trim_phrases=True)
+    prep = BatchPrep(trim_only)
+    lengths = [
+        (out["text"].shape[-1], out["region_text"].shape[-1]) for out in map(prep, _batches(20, seed=1))
+    ]
+    fresh = [BatchPrep(trim_only)(b)["region_text"].shape[-1] for b in _batches(20, seed=1)]
+    assert len(set(fresh)) > 1 and sorted(fresh) != fresh  # the batches alone would go up and down
+    for (c0, p0), (c1, p1) in zip(lengths[:-1], lengths[1:], strict=True):
+        assert c1 >= c0 and p1 >= p0, lengths
+    assert prep.state_dict()["phrase_len"] == lengths[-1][1] == max(fresh)
+
+
 def test_an_old_checkpoint_without_floors_starts_from_zero():
     prep = BatchPrep(ALL_ON)
     prep.load_state_dict(None)
@@ -88,6 +101,7 @@ def test_an_old_checkpoint_without_floors_starts_from_zero():
     [
         ({"caption_len": -1}, "prep.caption_len"),
         ({"caption_len": 2.5}, "prep.caption_len"),
+        ({"phrase_len": -4}, "prep.phrase_len"),
         ({"dedup_rows": "8"}, "prep.dedup_rows"),
         ({"phrase_pack": {"rows": True}}, "prep.phrase_pack.rows"),
         ({"caption_pack": {"rows": 1, "on": 1}}, "prep.caption_pack.on"),
