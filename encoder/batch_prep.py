@@ -10,7 +10,8 @@ Why one object with a state:
   caption and phrase lengths, the largest phrase and packed-row counts so far), so the
   jitted step compiles for a few shapes, not for every batch. Those floors are the state.
   The trainer saves it in each checkpoint's `meta["prep"]` and a resumed run starts from
-  it, so the resumed run gives its step the same shapes, and the same programs, as an uninterrupted one.
+  it, so the resumed run gives its step the same shapes, and the same programs, as an
+  uninterrupted one.
 - It runs in the loader's producer thread (`BatchIterator(prepare=...)`), which walks the
   steps in order, so the floors advance in step order and the host work (np.unique, row
   filling: ~10 ms for 4096 phrases) overlaps the device's step instead of delaying the next.
