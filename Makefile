@@ -7,7 +7,7 @@ EXTRAS ?= all
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 # Test workers (pytest-xdist), one a core up to 4: most of the suite is single-threaded XLA
-# compiles and tiny steps, so 2 workers on CI's 2 cores cut its wall time by ~40%
+# compiles and tiny steps, so 2 workers on CI's 2 cores cut its wall time by ~24%
 # (README, "The two commands"). Each test file stays on one worker (`loadfile`): its module fixtures
 # (a trained run, an export) are built once. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)

@@ -117,6 +117,10 @@ def test_mfu_bench_smoke_run(tmp_path):
     assert (tmp_path / "mfu.json").is_file() and jnp.isfinite(res["loss"])
     assert res["mfu"] == pytest.approx(res["model_tflop"] / res["step_s"] / 0.5)
     assert res["xla_tflops_per_s"] > 0
+    # the step timed is a run's: the trainer's batch preparation ran (at tiny its captions,
+    # EOT at up to position 14 of 16, keep their length; the phrases, <= 8 real tokens
+    # padded to 16, are cut to 8; no repeats to de-duplicate, no packing below width 256)
+    assert res["batch_prep"] == "captions 16 -> 16 tokens; 16 distinct phrases, 16 -> 8 tokens"
 
 
 def test_prompter_bench_runs_the_form_it_names():

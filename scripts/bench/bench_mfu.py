@@ -21,7 +21,10 @@ Model FLOPs are counted from the config (`encoder.flops.train_step_flops`: matmu
 compiled program is printed beside it. Compute dtype `--dtype` (parameters stay float32 on
 both sides: mixed precision); the JAX step is the trainer's (`trainer.make_train_step`),
 state donated, compile excluded. The peer: `CLIPModel` of the same sizes (SDPA attention),
-`torch.autocast` bf16, fused AdamW (0.9, 0.98), gradient clipping at 1.0, the same batch;
+`torch.autocast` bf16, fused AdamW (0.9, 0.98), gradient clipping at 1.0, the same batch
+(captions cut after their longest first EOT, as the trainer's batch preparation cuts them on
+our side, `trainer_batch`; our CLOC step also gets its phrases cut, de-duplicated and
+packed as a run's are);
 `torch_compile:clip` is the same under `torch.compile`.
 This script imports jax or torch, each only in its own subprocess; it is a bench, not library code.
 """
@@ -39,9 +42,11 @@ import time
 import numpy as np
 
 
-def fake_batch(mc, batch: int, mode: str, regions: int = 4, phrase_tokens: int = 8) -> dict:
+def fake_batch(mc, batch: int, mode: str, regions: int = 4, phrase_tokens: int = 16) -> dict:
     """Random images, captions of the preset's context length ending in EOT at a random
-    position, and for CLOC `regions` boxes and phrases an image (all valid)."""
+    position, and for CLOC `regions` boxes and phrases an image (all valid): SOT + 2-6
+    random words + EOT, zero padded to `phrase_tokens`, no two alike (bench_train_step.py's
+    `random` phrases)."""
     rng = np.random.default_rng(0)
     t = mc.context_length
     text = rng.integers(1, mc.vocab_size - 1, (batch, t)).astype(np.int32)
@@ -52,14 +57,39 @@ def fake_batch(mc, batch: int, mode: str, regions: int = 4, phrase_tokens: int =
     }
     if mode == "cloc":
         x1 = rng.random((batch, regions, 2)).astype(np.float32) * 0.5
-        phrases = rng.integers(1, mc.vocab_size - 1, (batch, regions, phrase_tokens)).astype(np.int32)
-        phrases[..., -1] = mc.eot_token_id
+        phrases = np.zeros((batch, regions, phrase_tokens), np.int32)
+        for i, j in np.ndindex(batch, regions):
+            n = int(rng.integers(2, 7))
+            phrases[i, j, : n + 2] = [1, *rng.integers(2, mc.vocab_size - 1, n), mc.eot_token_id]
         out.update(
             region_boxes=np.concatenate([x1, x1 + 0.4], -1),
             region_valid=np.ones((batch, regions), bool),
             region_text=phrases,
         )
     return out
+
+
+def trainer_batch(mc, host: dict, mode: str) -> tuple[dict, str]:
+    """`host` as the trainer's step receives it: the trainer's batch preparation for its
+    default config (`BatchPrep.from_config`: captions cut after their longest first EOT, and
+    for CLOC phrases cut, de-duplicated and packed where `pack_phrases: auto` packs), and a
+    line saying what it did, so the step timed is the step a run takes."""
+    from clocmllm.encoder.batch_prep import BatchPrep
+    from clocmllm.encoder.trainer import DEFAULTS, deep_merge
+
+    cfg = deep_merge(DEFAULTS, {"mode": mode})
+    out = BatchPrep.from_config(cfg, mc.text_width, mc.eot_token_id, devices=1, processes=1)(host)
+    what = [f"captions {host['text'].shape[1]} -> {out['text'].shape[1]} tokens"]
+    if "region_pack_tokens" in out:
+        rows, width = out["region_pack_tokens"].shape
+        what.append(f"{host['region_valid'].size} phrases -> packed {rows} x {width} tokens")
+    elif "region_phrases" in out:
+        rows, width = out["region_phrases"].shape
+        what.append(f"{host['region_valid'].size} phrases -> {rows} rows x {width} tokens")
+    elif "region_text" in out:  # no repeats: de-duplication returns the batch as it was
+        before, after = host["region_text"].shape[-1], out["region_text"].shape[-1]
+        what.append(f"{host['region_valid'].size} distinct phrases, {before} -> {after} tokens")
+    return out, "; ".join(what)
 
 
 def step_row(variant: str, mc_batch: tuple, device: str, versions: str, timing: tuple, loss: float,
@@ -108,7 +138,7 @@ def measure(
     from clocmllm.encoder.flops import batch_step_flops
 
     mc = load_model_config(preset, {"dtype": dtype, "attention_impl": attention})
-    host = fake_batch(mc, batch, mode)
+    host, prepared = trainer_batch(mc, fake_batch(mc, batch, mode), mode)
     res = timed_steps(mc, mode, host, steps)
     if profile:  # three more steps under the profiler: a Perfetto trace with the device kernels
         state = res["state"]
@@ -118,7 +148,7 @@ def measure(
             jax.block_until_ready(metrics["loss"])
     cost = res["compiled"].cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return step_row(
+    row = step_row(
         f"jax:{mode}:{attention}",
         (preset, mode, dtype, batch, batch_step_flops(mc, host)),
         jax.devices()[0].device_kind,
@@ -128,6 +158,7 @@ def measure(
         peak_tflops,
         float(cost.get("flops", 0.0)) if cost else None,
     )
+    return {**row, "batch_prep": prepared}
 
 
 def measure_torch(
@@ -147,7 +178,9 @@ def measure_torch(
     opt = torch.optim.AdamW(
         model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, fused=dev == "cuda"
     )
-    host = fake_batch(mc, batch, "clip")
+    from clocmllm.encoder.input_pipeline import trim_captions  # numpy only
+
+    host = trim_captions(fake_batch(mc, batch, "clip"), mc.eot_token_id)  # as our CLIP step's
     pixels = torch.from_numpy(host["images"]).permute(0, 3, 1, 2).contiguous().to(dev)
     ids = torch.from_numpy(host["text"]).long().to(dev)
     amp = getattr(torch, dtype)
@@ -262,6 +295,9 @@ def sweep(args) -> list[dict]:
         vs = f"{peer / r['step_s']:.2f}x" if peer and r["mode"] == "clip" else ("-" if not peer else "(cloc)")
         print(f"  {r['variant']:26s} {1000 * r['step_s']:8.1f} {r['images_per_s']:8.1f} "
               f"{r['model_tflops_per_s']:8.3g} {mfu:>6s} {of_ceil:>8s} {vs:>9s} {r['compile_s']:9.1f}")  # fmt: skip
+    for r in rows:
+        if r.get("batch_prep"):
+            print(f"  {r['variant']}: {r['batch_prep']}")
     attention = {r["variant"]: r["variant"].split(":", 2)[2] for r in rows if r["variant"].startswith("jax:")}
     clip = next((r for r in rows if r["variant"] in attention and r["mode"] == "clip"), None)
     cloc = next((r for r in rows if r["variant"] in attention and r["mode"] == "cloc"
@@ -319,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
         f"{res['preset']} {res['mode']} {res['dtype']} batch {res['batch']} on {res['device']}: "
         f"step {1000 * res['step_s']:.1f} ms, {res['images_per_s']:.1f} img/s, compile {res['compile_s']:.1f} s\n"
         f"  model {res['model_tflops_per_s']:.3f} TFLOP/s ({res['model_tflop']:.3f} TFLOP a step), "
-        f"XLA-counted {res['xla_tflops_per_s'] or float('nan'):.3f} TFLOP/s; MFU {mfu}"
+        f"XLA-counted {res['xla_tflops_per_s'] or float('nan'):.3f} TFLOP/s; MFU {mfu}\n"
+        f"  batch as the trainer prepares it: {res['batch_prep']}"
     )
     if args.json:
         with open(args.json, "w") as f:
