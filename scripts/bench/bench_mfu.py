@@ -45,8 +45,9 @@ import numpy as np
 def fake_batch(mc, batch: int, mode: str, regions: int = 4, phrase_tokens: int = 16) -> dict:
     """Random images, captions of the preset's context length ending in EOT at a random
     position, and for CLOC `regions` boxes and phrases an image (all valid): SOT + 2-6
-    random words + EOT, zero padded to `phrase_tokens`, no two alike (bench_train_step.py's
-    `random` phrases)."""
+    random words + EOT, zero padded to `phrase_tokens` (`bench_train_step.random_phrases`)."""
+    from bench_train_step import random_phrases  # numpy only
+
     rng = np.random.default_rng(0)
     t = mc.context_length
     text = rng.integers(1, mc.vocab_size - 1, (batch, t)).astype(np.int32)
@@ -57,10 +58,7 @@ def fake_batch(mc, batch: int, mode: str, regions: int = 4, phrase_tokens: int =
     }
     if mode == "cloc":
         x1 = rng.random((batch, regions, 2)).astype(np.float32) * 0.5
-        phrases = np.zeros((batch, regions, phrase_tokens), np.int32)
-        for i, j in np.ndindex(batch, regions):
-            n = int(rng.integers(2, 7))
-            phrases[i, j, : n + 2] = [1, *rng.integers(2, mc.vocab_size - 1, n), mc.eot_token_id]
+        phrases = random_phrases(rng, batch, regions, phrase_tokens, mc.vocab_size, mc.eot_token_id)
         out.update(
             region_boxes=np.concatenate([x1, x1 + 0.4], -1),
             region_valid=np.ones((batch, regions), bool),

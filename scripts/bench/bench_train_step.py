@@ -95,6 +95,19 @@ def step_batch(mc, batch: int) -> dict:
     return trim_captions(fake_batch(mc, batch), mc.eot_token_id)
 
 
+def random_phrases(
+    rng: np.random.Generator, batch: int, m: int, tokens: int, vocab: int, eot: int
+) -> np.ndarray:
+    """[batch, m, tokens] region phrases, SOT (1) + 2-6 random word ids + EOT each, zero padded:
+    no two alike, unlike real phrase data (bench_mfu.py draws its CLOC phrases here too)."""
+    out = np.zeros((batch, m, tokens), np.int32)
+    words = rng.integers(2, 7, (batch, m))
+    for i, j in np.ndindex(batch, m):
+        n = int(words[i, j])
+        out[i, j, : n + 2] = [1, *rng.integers(2, vocab - 1, n), eot]
+    return out
+
+
 def fake_batch(mc, batch: int, m: int = 4) -> dict:
     rng = np.random.default_rng(0)
     text = rng.integers(1, VOCAB - 1, (batch, CONTEXT)).astype(np.int32)
@@ -110,10 +123,7 @@ def fake_batch(mc, batch: int, m: int = 4) -> dict:
             p = vocab[int(rng.integers(len(vocab)))]
             rtext[i, j, : len(p)] = p
     else:
-        words = rng.integers(2, 7, (batch, m))
-        for i, j in np.ndindex(batch, m):
-            n = int(words[i, j])
-            rtext[i, j, : n + 2] = [1, *rng.integers(2, VOCAB - 1, n), VOCAB - 1]
+        rtext = random_phrases(rng, batch, m, REGION_CONTEXT, VOCAB, VOCAB - 1)
     x1 = rng.random((batch, m, 2)).astype(np.float32) * 0.5
     return {
         "images": rng.normal(size=(batch, mc.image_size, mc.image_size, 3)).astype(np.float32),
