@@ -122,14 +122,20 @@ def restore_params(path: str | os.PathLike) -> tuple[dict, dict, int]:
     config = read_config(workdir)
     if config is None:
         raise FileNotFoundError(f"{workdir}: no {CONFIG_FILE} next to the checkpoints")
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(step_dir / "params")
-    meta = getattr(meta, "item_metadata", meta)
-    tree = getattr(meta, "tree", meta)
-    restore_args = jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree, is_leaf=lambda x: hasattr(x, "shape")
-    )
-    params = ckptr.restore(step_dir / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    # The item's handler, not a standalone Checkpointer: `params/` is one item of the step's
+    # composite checkpoint, whose `_CHECKPOINT_METADATA` sits a level up, so a Checkpointer
+    # on the item folder logs "Metadata file does not exist" at every restore.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        meta = handler.metadata(step_dir / "params")
+        meta = getattr(meta, "item_metadata", meta)
+        tree = getattr(meta, "tree", meta)
+        restore_args = jax.tree.map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree, is_leaf=lambda x: hasattr(x, "shape")
+        )
+        params = handler.restore(step_dir / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    finally:
+        handler.close()
     return config, params, step
 
 
