@@ -165,6 +165,11 @@ def model_fields_from_hf(config: dict[str, Any], source: str) -> tuple[dict[str,
             eot_token_id=need(text, "eos_token_id", 49407),
             pad_token_id=need(text, "pad_token_id", 1),
         )
+    if fields.get("eot_token_id") == BUGGY_EOS_ID:
+        # The OpenAI folders on the Hub still say 2 (fixed in transformers PR #24773, kept
+        # for them): HF then pools at argmax(input_ids), the highest id, which in CLIP's BPE is
+        # end-of-text, the last id. Our tower pools at `eot_token_id`, so that is the id.
+        fields["eot_token_id"] = fields["vocab_size"] - 1
     if fields["hidden_act"] not in HF_ACTIVATIONS:
         raise ExportError(f"{source}: hidden_act {fields['hidden_act']!r} not in {HF_ACTIVATIONS}")
     return fields, towers

@@ -122,7 +122,13 @@ def import_clip(
         fresh[path] = value.astype(np.float32).reshape(want)
     initialised = sorted({_group(p, towers) for p in fresh if p not in imported})
     params = names.unflatten(fresh)
-    config = {"model": cfg.to_dict(), "imported_from": str(folder.absolute())}
+    config = {
+        "model": cfg.to_dict(),
+        "imported_from": str(folder.absolute()),
+        # placeholders, not weights: a run started from here (`init_from`) initialises these
+        # itself, with its own prompter settings (encoder/warm_start.py)
+        "init_fresh": sorted(p for p in fresh if p not in imported),
+    }
     tok = folder / "tokenizer.json"
     if tok.is_file():
         config["tokenizer"] = str(tok.absolute())

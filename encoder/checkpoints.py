@@ -13,6 +13,7 @@ Never pickled: orbax (tensorstore) for arrays, JSON/YAML for the rest.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,6 +34,15 @@ def write_yaml_atomic(path: str | os.PathLike, data: Mapping) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(_plain(data), sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy `src` to `dst` through a temporary name, so `dst` is whole or absent."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def read_config(workdir: str | os.PathLike) -> dict | None:

@@ -47,6 +47,11 @@ DEFAULTS: dict[str, Any] = {
     "steps": 1000,
     "model": {"preset": "tiny"},  # a preset name plus field overrides
     "tokenizer": None,  # tokenizer path; None: built from the data (synthetic world vocab)
+    # A new run that starts from another checkpoint's weights (a pretrain workdir or the
+    # output of `clocmllm import-clip`): step 0, fresh optimizer; encoder/warm_start.py has
+    # the rules. Without a model: section (and tokenizer:) the run takes the source's.
+    # Only read when the workdir has no checkpoint yet (a resume continues its own run).
+    "init_from": None,
     "data": {
         "path": None,
         "split": "train",
@@ -156,6 +161,12 @@ def resolve_config(config: Mapping, data: str | None = None, steps: int | None =
     _check_keys(config, DEFAULTS, "")
     if isinstance(config.get("model"), str):  # `model: tiny` is short for `model: {preset: tiny}`
         config = {**config, "model": {"preset": config["model"]}}
+    if config.get("init_from"):
+        from clocmllm.encoder.warm_start import source_config
+
+        config = {**config, "init_from": str(Path(config["init_from"]).absolute())}
+        if "model" not in config:  # the source's model, whole
+            config["model"] = dict(source_config(config["init_from"])[1]["model"])
     cfg = deep_merge(DEFAULTS, config)
     if data is not None:
         cfg["data"]["path"] = str(data)
@@ -528,6 +539,14 @@ def train(
         raise ValueError("no training data: give data.path in the config or --data DIR")
     problems = ProblemLog(strict=bool(cfg["data"]["strict"]))
     records = load_records(cfg["data"]["path"], cfg["data"]["split"], problems)
+    ckpts = workdir / ck.CKPT_DIR
+    if cfg["init_from"] and not cfg["tokenizer"] and not (ckpts.is_dir() and any(ckpts.iterdir())):
+        from clocmllm.encoder.warm_start import source_tokenizer
+
+        # its ids are what the copied text embedding was trained on (rewritten until the
+        # run's first checkpoint, so a refused attempt leaves no stale copy behind)
+        if (src := source_tokenizer(cfg["init_from"])) is not None:
+            ck.copy_file_atomic(src, workdir / ck.TOKENIZER_FILE)
     tokenize, tokenize_regions, tok = build_tokenizer(
         cfg, records, workdir
     )  # sets cfg['tokenizer'], vocab/eot/pad
@@ -538,9 +557,14 @@ def train(
         diffs = incompatible_keys(saved, cfg)
         if diffs:
             mgr.close()
+            hint = (
+                f" It holds weights imported from {saved['imported_from']}: to train from them, "
+                f"give a new --workdir and --set init_from={workdir}."
+                if saved.get("imported_from")
+                else " Use a new --workdir (or the same config) to continue."
+            )
             raise IncompatibleCheckpoint(
-                f"{workdir} holds checkpoints of a different run; differing keys: {', '.join(diffs)}. "
-                "Use a new --workdir (or the same config) to continue."
+                f"{workdir} holds checkpoints of a different run; differing keys: {', '.join(diffs)}.{hint}"
             )
     if jax.process_index() == 0:
         ck.write_yaml_atomic(workdir / ck.CONFIG_FILE, cfg)
@@ -556,6 +580,7 @@ def train(
     recipe = _recipe(cfg)
     abstract, init = abstract_state(model, tx, int(cfg["seed"]), recipe)
     shardings = _state_shardings(abstract, mesh)
+    warm_start = None  # what init_from carried over (a fresh run that names one)
     if start is not None:
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -574,6 +599,11 @@ def train(
         state = jax.jit(init, out_shardings=shardings)()
         start = 0
         prep_state = None
+        if cfg["init_from"]:
+            from clocmllm.encoder.warm_start import warm_start_params
+
+            params, warm_start = warm_start_params(state.params, cfg["init_from"], cfg["model"])
+            state = state.replace(params=params)
 
     # ---- data
     d = cfg["data"]
@@ -729,6 +759,7 @@ def train(
         "workdir": str(workdir),
         "steps": total,
         "resumed_from": start,
+        "warm_start": warm_start,
         "final": last,
         "eval": last_eval,
         "compile_s": compile_s,

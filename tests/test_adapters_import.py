@@ -215,6 +215,40 @@ def test_import_vision_only_saved_by_transformers5(tmp_path, capsys):
     assert np.array_equal(params["visual"]["layer_0"]["mlp"]["fc1"]["kernel"], fc1.numpy().T)
 
 
+def test_legacy_eos_id_2_imports_as_the_end_of_text_id(tmp_path):
+    """The OpenAI folders on the Hub say eos_token_id 2, with which HF pools at the highest id
+    of the row (CLIP BPE's end-of-text). The import must pool at that id too: the JAX text
+    embedding equals HF's on a row whose end-of-text (49, the last id) is followed by pads."""
+    import jax
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPModel
+
+    from clocmllm.adapters.import_clip import import_clip
+    from clocmllm.encoder.checkpoints import restore_params
+    from clocmllm.encoder.config import ModelConfig
+    from clocmllm.encoder.models.clip import CLIP
+
+    _, state = _tiny_hf_clip(tmp_path / "src")
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    cfg["text_config"]["eos_token_id"] = 2
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(cfg))
+    save_file(state, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    import_clip(hf, tmp_path / "wd", verbose=False)
+    config, params, _ = restore_params(tmp_path / "wd")
+    assert config["model"]["eot_token_id"] == 49
+    ids = np.array([[48, 5, 7, 49, 2, 2, 0, 0], [48, 9, 49, 0, 0, 0, 0, 0]], np.int32)  # 2s after EOT
+    ours = CLIP(ModelConfig.from_dict(config["model"])).apply({"params": params}, ids, method="encode_text")
+    legacy = CLIPModel(CLIPConfig(**cfg)).eval()
+    legacy.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        theirs = legacy.get_text_features(input_ids=torch.from_numpy(ids).long())
+    theirs = getattr(theirs, "pooler_output", theirs)  # transformers 5 may return an output object
+    np.testing.assert_allclose(np.asarray(jax.device_get(ours)), theirs.numpy(), atol=1e-5)
+
+
 def test_import_refuses_pickles_and_bad_config(tmp_path):
     from clocmllm.adapters.import_clip import ImportClipError, import_clip
 
