@@ -57,6 +57,22 @@ SCRIPT = textwrap.dedent(
         out[name] = {"loss": [float(metrics["loss"]), float(metrics2["loss"])],
                      "params": first + [np.asarray(p).tolist() for p in jax.tree.leaves(new.params)],
                      "sharded": str(kernel.sharding.spec), "n_shards": len(kernel.addressable_shards)}
+    # init_from on the sharded mesh: the source's values land on the run's own shardings
+    import tempfile
+    from clocmllm.encoder.checkpoints import save_params
+    from clocmllm.encoder.warm_start import warm_start_params
+    src = jax.jit(lambda r: model.init(r, *model.dummy_inputs(1))["params"])(jax.random.key(7))
+    with tempfile.TemporaryDirectory() as d:
+        save_params(d, {"model": model.config.to_dict()}, src, 0)
+        mesh = make_mesh({"data": 4, "fsdp": 2}, jax.devices())
+        abstract, init = abstract_state(model, tx, 0)
+        state = jax.jit(init, out_shardings=tree_shardings(abstract, mesh, min_size=64))()
+        warm, report = warm_start_params(state.params, d, model.config.to_dict())
+    pairs = list(zip(jax.tree.leaves(warm), jax.tree.leaves(src), jax.tree.leaves(state.params), strict=True))
+    out["warm"] = {"equal": all(np.array_equal(np.asarray(w), np.asarray(s)) for w, s, _ in pairs),
+                   "same_sharding": all(w.sharding == i.sharding for w, _, i in pairs),
+                   "copied": report["copied"], "leaves": len(pairs),
+                   "n_shards": len(warm["visual"]["layer_0"]["mlp"]["fc1"]["kernel"].addressable_shards)}
     print("RESULT" + json.dumps(out))
     """
 )
@@ -104,3 +120,6 @@ def test_eight_devices_match_one_device():
         for a, b in zip(one["params"], eight["params"], strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
     assert one["loss"][1] != one["loss"][0]  # the update did something
+    warm = res["warm"]  # init_from onto fsdp-sharded params (encoder/warm_start.py)
+    assert warm["equal"] and warm["same_sharding"] and warm["n_shards"] == 8
+    assert warm["copied"] == warm["leaves"]
