@@ -165,8 +165,9 @@ def resolve_config(config: Mapping, data: str | None = None, steps: int | None =
         from clocmllm.encoder.warm_start import source_config
 
         config = {**config, "init_from": str(Path(config["init_from"]).absolute())}
+        source = source_config(config["init_from"])[1]  # a folder without weights: refused here
         if "model" not in config:  # the source's model, whole
-            config["model"] = dict(source_config(config["init_from"])[1]["model"])
+            config["model"] = dict(source["model"])
     cfg = deep_merge(DEFAULTS, config)
     if data is not None:
         cfg["data"]["path"] = str(data)
@@ -559,7 +560,7 @@ def train(
             mgr.close()
             hint = (
                 f" It holds weights imported from {saved['imported_from']}: to train from them, "
-                f"give a new --workdir and --set init_from={workdir}."
+                f"give a new --workdir and --init-from {workdir}."
                 if saved.get("imported_from")
                 else " Use a new --workdir (or the same config) to continue."
             )

@@ -2,7 +2,7 @@
 
     clocmllm import-clip --hf path/to/clip-vit-base-patch16 --out runs/from_clip
     clocmllm pretrain --config scripts/recipes/b16_cloc.yaml --workdir runs/cloc_from_clip \
-        --data DATA --set init_from=runs/from_clip
+        --data DATA --init-from runs/from_clip   # or --set init_from=...
 
 Why not a resume: a resume continues one run (its step, AdamW moments, data position and
 config, all checked). A warm start begins a new run at step 0 with fresh moments, the new

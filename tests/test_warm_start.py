@@ -109,9 +109,9 @@ def test_pretrain_from_imported_clip_weights(imported):
     for p in towers:
         np.testing.assert_array_equal(got[p], src[p], err_msg=p)
     assert got["prompter/box_embed/dense/kernel"].shape != src["prompter/box_embed/dense/kernel"].shape
-    # the same command again: a resume of this run, not a second warm start
+    # the same command again: the finished run resumes (nothing left to do), no second warm start
     again = train(
-        resolve_config(recipe(init_from=str(root / "from_clip"), steps=3), data=root / "world"), root / "run"
+        resolve_config(recipe(init_from=str(root / "from_clip")), data=root / "world"), root / "run"
     )
     assert again["resumed_from"] == 2 and again["warm_start"] is None
 
@@ -129,7 +129,7 @@ def test_no_model_section_takes_the_source_model(imported):
 def test_training_in_the_import_folder_says_to_use_init_from(imported):
     from clocmllm.encoder.trainer import IncompatibleCheckpoint, resolve_config, train
 
-    with pytest.raises(IncompatibleCheckpoint, match="init_from="):
+    with pytest.raises(IncompatibleCheckpoint, match="--init-from "):
         train(resolve_config(recipe(), data=imported / "world"), imported / "from_clip")
 
 
@@ -188,3 +188,15 @@ def test_openai_clip_imports_start_the_shipped_recipes(hf, preset):
     fresh_roots = {p.split("/")[0] for p in got.fresh}
     vision_only = {"text", "logit_scale"} if "text" not in towers else set()
     assert fresh_roots == {"prompter", "ground", "logit_bias"} | vision_only
+
+
+def test_cli_init_from_a_folder_without_weights_says_so(imported, capsys):
+    import yaml
+
+    from clocmllm.cli import main
+
+    (imported / "recipe.yaml").write_text(yaml.safe_dump(recipe()))
+    code = main(["pretrain", "--config", str(imported / "recipe.yaml"), "--workdir", str(imported / "cli"),
+                 "--data", str(imported / "world"), "--init-from", str(imported / "world")])  # fmt: skip
+    assert code == 1
+    assert "init_from:" in capsys.readouterr().out and not (imported / "cli").exists()

@@ -17,6 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, help="total training steps (overrides steps)")
     parser.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start a new run from these weights: an `import-clip` folder or another run "
+        "(sets init_from; read only while the workdir has no checkpoint)",
+    )
+    parser.add_argument(
         "--set",
         dest="sets",
         action="append",
@@ -45,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     config = apply_overrides(load_recipe(args.config), args.sets)
     if args.no_progress:
         config["progress"] = False
+    if args.init_from:
+        config["init_from"] = args.init_from
     try:
         summary = train(config, args.workdir, data=args.data, steps=args.steps)
     except (IncompatibleCheckpoint, TrainingDiverged, ValueError, FileNotFoundError) as err:
