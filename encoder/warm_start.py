@@ -71,16 +71,11 @@ def source_tokenizer(path: str | Path) -> Path | None:
     return tok
 
 
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
+def flatten(tree: Mapping) -> dict:
     """Nested dict of arrays -> {"visual/conv1/kernel": array} (the paths of `init_fresh`)."""
-    out: dict[str, np.ndarray] = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(flatten(value, path))
-        else:
-            out[path] = value
-    return out
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
 @dataclass

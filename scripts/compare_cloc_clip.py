@@ -10,6 +10,9 @@ region retrieval R@1 0.129 (CLOC) vs 0.015 (CLIP, RoI-Align) (docs/pretraining.m
 Runs in existing workdirs resume (or are reused when finished).
 `--recipes demo` compares the demo's pair instead (`demo_clip.yaml`, `demo_cloc.yaml`: 1500
 steps; docs/demo.md tuning log runs r9 / r9-clip, on a 4000/300 world).
+`--warm-steps N` adds two CLOC runs of N steps each: one from scratch and one started from
+the CLIP run's weights (`init_from`, encoder/warm_start.py): what a CLIP checkpoint buys
+CLOC at equal CLOC budget (docs/pretraining.md, "Starting from CLIP weights").
 """
 
 from __future__ import annotations
@@ -39,24 +42,36 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--recipes", choices=("tiny", "demo"), default="tiny", help="which recipe pair")
+    ap.add_argument(
+        "--warm-steps", type=int, default=0, help="also CLOC for N steps, from scratch and from CLIP"
+    )
     args = ap.parse_args()
     out = Path(args.out)
     rows = {}
-    for mode in ("clip", "cloc"):
-        cfg = load_recipe(RECIPES / f"{args.recipes}_{mode}.yaml")
+    runs = [("clip", "clip", {}, args.steps), ("cloc", "cloc", {}, args.steps)]
+    if args.warm_steps:
+        n = args.warm_steps
+        runs += [
+            (f"cloc_{n}", "cloc", {}, n),
+            (f"clip+cloc_{n}", "cloc", {"init_from": str(out / "clip")}, n),
+        ]
+    for name, mode, extra, steps in runs:
+        cfg = {**load_recipe(RECIPES / f"{args.recipes}_{mode}.yaml"), **extra}
         t0 = time.perf_counter()
-        summary = train(cfg, out / mode, data=args.world, steps=args.steps)
+        summary = train(cfg, out / name, data=args.world, steps=steps)
         train_s = time.perf_counter() - t0
-        metrics = evaluate_checkpoint(out / mode, args.world, split="eval")
-        rows[mode] = {
-            "train_s": round(train_s, 1),
+        metrics = evaluate_checkpoint(out / name, args.world, split="eval")
+        rows[name] = {
+            # a finished run in an existing workdir is reused: no training time to report
+            "train_s": round(train_s, 1) if summary["resumed_from"] < summary["steps"] else "reused",
             "steps": summary["steps"],
             **{k: round(metrics[k], 4) for k in KEYS},
         }
-        print(mode, json.dumps(rows[mode]), flush=True)
-    print(f"{'metric':24s} {'clip(RoI)':>10s} {'cloc':>10s}")
-    for k in ("train_s", *KEYS):
-        print(f"{k:24s} {rows['clip'][k]:>10} {rows['cloc'][k]:>10}")
+        print(name, json.dumps(rows[name]), flush=True)
+    heads = {"clip": "clip(RoI)"}
+    print(f"{'metric':24s}" + "".join(f" {heads.get(n, n):>14s}" for n in rows))
+    for k in ("train_s", "steps", *KEYS):
+        print(f"{k:24s}" + "".join(f" {r[k]:>14}" for r in rows.values()))
     (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
