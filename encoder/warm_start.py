@@ -11,7 +11,11 @@ checkpoint, or a second stage on an earlier run.
 
 Rules, each refused with the parameter or field named rather than guessed around:
 - Every parameter of the new model whose path the source holds is copied, and must have the
-  same shape there (a different shape: refused, with the model fields that differ).
+  same shape there (a different shape: refused, with the model fields that differ). Two
+  exceptions follow the usual practice: the image position table of another grid (another
+  `image_size`) is resampled bicubically, class row kept (as big_vision and timm do to
+  fine-tune at another resolution); a text position table is cut to a shorter
+  `context_length` (exact: the causal tower's row i reads rows <= i only).
 - A parameter the source lacks, or that the source's config lists under `init_fresh`
   (`import-clip` writes there the parts a Hugging Face folder has no weights for: prompter,
   grounding head, logit bias, a missing text tower), keeps the new run's own initialisation.
@@ -28,6 +32,7 @@ Rules, each refused with the parameter or field named rather than guessed around
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,10 +90,12 @@ class WarmStartPlan:
     copied: dict[str, np.ndarray] = field(default_factory=dict)
     fresh: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)  # "path (old shape -> new shape)"
 
     def summary(self) -> dict:
         return {
             "copied": len(self.copied),
+            "resized": list(self.resized),
             "fresh": _groups(self.fresh),
             "unused": _groups(self.unused),
         }
@@ -100,9 +107,11 @@ def plan(
     keep_fresh: set[str] | frozenset[str] = frozenset(),
     where: str = "init_from",
     field_diffs: str = "",
+    class_token: bool = True,
 ) -> WarmStartPlan:
     """Match the new model's parameter shapes (`target`, flat paths) against the source's
-    flat params; raises WarmStartError on the first shape that differs."""
+    flat params; raises WarmStartError on the first shape that differs and is not a position
+    table `resized_positions` can carry over."""
     out = WarmStartPlan()
     for path, shape in target.items():
         if path not in source or path in keep_fresh:
@@ -110,6 +119,11 @@ def plan(
             continue
         value = source[path]
         if tuple(value.shape) != tuple(shape):
+            resized = resized_positions(path, np.asarray(value), tuple(shape), class_token)
+            if resized is not None:
+                out.copied[path] = resized
+                out.resized.append(f"{path} ({tuple(value.shape)} -> {tuple(shape)})")
+                continue
             raise WarmStartError(
                 f"{where}: {path} has shape {tuple(value.shape)} there, this model wants {tuple(shape)}"
                 + (f" (model fields that differ: {field_diffs})" if field_diffs else "")
@@ -117,6 +131,27 @@ def plan(
         out.copied[path] = value
     out.unused = sorted(set(source) - set(target))
     return out
+
+
+def resized_positions(
+    path: str, value: np.ndarray, shape: tuple[int, ...], class_token: bool
+) -> np.ndarray | None:
+    """`value`, a position table, made to `shape`; None when `path` is none or cannot be."""
+    if value.ndim != 2 or len(shape) != 2 or value.shape[1] != shape[1]:
+        return None
+    if path == "text/pos_embed":
+        return value[: shape[0]] if shape[0] <= value.shape[0] else None
+    if path != "visual/pos_embed":
+        return None
+    import jax
+
+    lead = int(class_token)
+    old, new = math.isqrt(value.shape[0] - lead), math.isqrt(shape[0] - lead)
+    if old * old != value.shape[0] - lead or new * new != shape[0] - lead:
+        return None
+    grid = value[lead:].astype(np.float32).reshape(old, old, -1)
+    grid = np.asarray(jax.image.resize(grid, (new, new, grid.shape[-1]), "bicubic"))
+    return np.concatenate([value[:lead], grid.reshape(new * new, -1).astype(value.dtype)])
 
 
 def check_numerics(source_model: Mapping, model: Mapping, where: str) -> None:
@@ -155,9 +190,9 @@ def warm_start_params(params, init_from: str | Path, model: Mapping):
     _, source, step = restore_params(init_from)
     source = flatten(source)
     target = {jax.tree_util.keystr(p, simple=True, separator="/"): leaf.shape for p, leaf in _leaves(params)}
-    chosen = plan(
-        target, source, set(config.get("init_fresh") or ()), where, model_diffs(config["model"], model)
-    )
+    fresh = set(config.get("init_fresh") or ())
+    diffs = model_diffs(config["model"], model)
+    chosen = plan(target, source, fresh, where, diffs, bool(model.get("class_token", True)))
 
     def put(path, leaf):
         value = chosen.copied.get(jax.tree_util.keystr(path, simple=True, separator="/"))
@@ -169,8 +204,9 @@ def warm_start_params(params, init_from: str | Path, model: Mapping):
     out = jax.tree_util.tree_map_with_path(put, params)
     s = chosen.summary()
     log.info(
-        "warm start from %s (step %d): %d parameters copied; fresh: %s; not used: %s",
-        workdir, step, s["copied"], ", ".join(s["fresh"]) or "none", ", ".join(s["unused"]) or "none",
+        "warm start from %s (step %d): %d parameters copied (resized: %s); fresh: %s; not used: %s",
+        workdir, step, s["copied"], ", ".join(s["resized"]) or "none", ", ".join(s["fresh"]) or "none",
+        ", ".join(s["unused"]) or "none",
     )  # fmt: skip
     return out, {"from": str(workdir), "step": step, **s}
 

@@ -19,11 +19,49 @@ def test_plan_copies_matching_keeps_fresh_and_refuses_a_shape():
     got = plan(target, source, keep_fresh={"p/w"})
     assert sorted(got.copied) == ["a/w", "b/w"]
     assert got.fresh == ["p/w", "new/w"] and got.unused == ["extra/w"]
-    assert got.summary() == {"copied": 2, "fresh": ["new/w (1)", "p/w (1)"], "unused": ["extra/w (1)"]}
+    assert got.summary() == {
+        "copied": 2,
+        "resized": [],
+        "fresh": ["new/w (1)", "p/w (1)"],
+        "unused": ["extra/w (1)"],
+    }
     with pytest.raises(
         WarmStartError, match=r"p/w has shape \(5,\) there, this model wants \(7,\).*width 8 -> 9"
     ):
         plan(target, source, where="init_from X", field_diffs="width 8 -> 9")
+
+
+def test_position_tables_follow_a_new_image_size_or_a_shorter_context():
+    """Another image size: the patch grid's table is resampled (class row kept; a smooth
+    table stays smooth, a constant one constant); a shorter text context: the first rows."""
+    from clocmllm.encoder.warm_start import WarmStartError, plan
+
+    d = 3
+    yy, xx = np.meshgrid(np.arange(4.0), np.arange(4.0), indexing="ij")
+    grid = np.stack([np.ones_like(xx), xx, yy], -1).reshape(16, d)  # constant, x ramp, y ramp
+    cls = np.array([[7.0, 8.0, 9.0]])
+    source = {"visual/pos_embed": np.concatenate([cls, grid]).astype(np.float32),
+              "text/pos_embed": np.arange(12.0 * d).reshape(12, d)}  # fmt: skip
+    got = plan({"visual/pos_embed": (1 + 36, d), "text/pos_embed": (8, d)}, source)
+    vis = got.copied["visual/pos_embed"]
+    assert vis.shape == (37, d) and np.array_equal(vis[0], cls[0])
+    new = vis[1:].reshape(6, 6, d)
+    np.testing.assert_allclose(new[..., 0], 1.0, atol=1e-5)
+    assert np.all(np.diff(new[..., 1], axis=1) > 0) and np.all(np.diff(new[..., 2], axis=0) > 0)
+    np.testing.assert_allclose(new[..., 1], new[..., 2].T, atol=1e-5)  # x and y treated alike
+    assert np.array_equal(got.copied["text/pos_embed"], source["text/pos_embed"][:8])
+    assert got.summary()["resized"] == [
+        "visual/pos_embed ((17, 3) -> (37, 3))",
+        "text/pos_embed ((12, 3) -> (8, 3))",
+    ]
+    # no class token: the whole table is the grid
+    flat = plan({"visual/pos_embed": (9, d)}, {"visual/pos_embed": grid}, class_token=False)
+    assert flat.copied["visual/pos_embed"].shape == (9, d)
+    # a longer context has no rows to take; a table of another width is not a resize
+    with pytest.raises(WarmStartError, match="text/pos_embed"):
+        plan({"text/pos_embed": (16, d)}, source)
+    with pytest.raises(WarmStartError, match="visual/pos_embed"):
+        plan({"visual/pos_embed": (37, d + 1)}, source)
 
 
 def test_a_model_that_computes_otherwise_is_refused():
