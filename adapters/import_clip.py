@@ -123,6 +123,9 @@ def import_clip(
     initialised = sorted({_group(p, towers) for p in fresh if p not in imported})
     params = names.unflatten(fresh)
     config = {
+        # a CLIP checkpoint: `eval encoder` takes its regions by RoI-Align, not through the
+        # prompter placeholder below
+        "mode": "clip",
         "model": cfg.to_dict(),
         "imported_from": str(folder.absolute()),
         # placeholders, not weights: a run started from here (`init_from`) initialises these

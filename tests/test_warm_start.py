@@ -164,6 +164,22 @@ def test_no_model_section_takes_the_source_model(imported):
     assert cfg["model"] == source_config(imported / "from_clip")[1]["model"]
 
 
+def test_an_imported_clip_is_evaluated_as_clip(imported):
+    """Its prompter is a placeholder: `eval encoder` reads its regions by RoI-Align."""
+    from clocmllm.encoder.evaluators import evaluate_checkpoint
+
+    got = evaluate_checkpoint(imported / "from_clip", imported / "world", zero_shot=False)
+    roi = evaluate_checkpoint(
+        imported / "from_clip", imported / "world", region_source="roi", zero_shot=False
+    )
+    prompter = evaluate_checkpoint(
+        imported / "from_clip", imported / "world", region_source="prompter", zero_shot=False
+    )
+    keys = [k for k in got if k.startswith("region_")]
+    assert keys and {k: got[k] for k in keys} == {k: roi[k] for k in keys}
+    assert {k: got[k] for k in keys} != {k: prompter[k] for k in keys}
+
+
 def test_training_in_the_import_folder_says_to_use_init_from(imported):
     from clocmllm.encoder.trainer import IncompatibleCheckpoint, resolve_config, train
 
