@@ -148,6 +148,7 @@ def import_clip(
         print(f"imported {len(imported)} tensors ({'+'.join(towers)}) from {folder} -> {ckpt}")
         if report["initialised_fresh"]:
             print("  initialised fresh (not in the folder): " + ", ".join(report["initialised_fresh"]))
+        print(f"  to pretrain from it: clocmllm pretrain --config RECIPE --workdir NEW_DIR --init-from {out}")
     return report
 
 
