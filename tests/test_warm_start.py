@@ -215,12 +215,20 @@ OPENAI_L14_VISION = {"model_type": "clip_vision_model", "hidden_size": 1024, "in
                      "projection_dim": 768, "hidden_act": "quick_gelu"}  # fmt: skip
 
 
-@pytest.mark.parametrize("hf, preset", [(OPENAI_B16, "b16"), (OPENAI_L14_VISION, "l14")])
-def test_openai_clip_imports_start_the_shipped_recipes(hf, preset):
+@pytest.mark.parametrize(
+    "hf, preset, resized",
+    [
+        (OPENAI_B16, "b16", []),
+        (OPENAI_L14_VISION, "l14", []),
+        (OPENAI_L14_VISION, "l14_336", ["visual/pos_embed ((257, 1024) -> (577, 1024))"]),
+    ],
+)
+def test_openai_clip_imports_start_the_shipped_recipes(hf, preset, resized):
     """At real sizes (shapes only, jax.eval_shape): what `import-clip` makes of OpenAI's
-    B/16 folder (both towers) and L/14 vision folder starts `b16_cloc.yaml` / `l14_cloc.yaml`'s
-    model: every imported tensor is copied, the placeholders and (L/14) the text tower start
-    fresh, and no numerics field differs."""
+    B/16 folder (both towers) and L/14 vision folder starts the models of `b16_cloc.yaml` and
+    `l14_cloc.yaml` (336 px: the 224 px grid's position table is resampled): every imported
+    tensor is copied, the placeholders and (L/14) the text tower start fresh, and no
+    numerics field differs."""
     from clocmllm.adapters import hf_config, names
     from clocmllm.encoder.config import ModelConfig, load_model_config
     from clocmllm.encoder.models.clip import param_shapes
@@ -234,6 +242,7 @@ def test_openai_clip_imports_start_the_shipped_recipes(hf, preset):
     imported = {r.jax for r in rules} | ({"logit_scale"} if "text" in towers else set())
     source = flatten(param_shapes(source_cfg))
     assert imported <= set(source)
+    source["visual/pos_embed"] = np.zeros(source["visual/pos_embed"].shape, np.float32)  # resampled: values
     run_cfg = load_model_config(preset).to_dict()
     check_numerics(source_cfg.to_dict(), run_cfg, preset)
     target = {k: v.shape for k, v in flatten(param_shapes(ModelConfig.from_dict(run_cfg))).items()}
@@ -242,6 +251,7 @@ def test_openai_clip_imports_start_the_shipped_recipes(hf, preset):
     fresh_roots = {p.split("/")[0] for p in got.fresh}
     vision_only = {"text", "logit_scale"} if "text" not in towers else set()
     assert fresh_roots == {"prompter", "ground", "logit_bias"} | vision_only
+    assert got.resized == resized
 
 
 def test_cli_init_from_a_folder_without_weights_says_so(imported, capsys):
