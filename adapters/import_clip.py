@@ -120,7 +120,7 @@ def import_clip(
                 f"{folder}: {path}: shape {tuple(value.shape)} but config implies {tuple(want)}"
             )
         fresh[path] = value.astype(np.float32).reshape(want)
-    initialised = sorted({_group(p, towers) for p in fresh if p not in imported})
+    placeholders = sorted(p for p in fresh if p not in imported)
     params = names.unflatten(fresh)
     config = {
         # a CLIP checkpoint: `eval encoder` takes its regions by RoI-Align, not through the
@@ -130,7 +130,7 @@ def import_clip(
         "imported_from": str(folder.absolute()),
         # placeholders, not weights: a run started from here (`init_from`) initialises these
         # itself, with its own prompter settings (encoder/warm_start.py)
-        "init_fresh": sorted(p for p in fresh if p not in imported),
+        "init_fresh": placeholders,
     }
     tok = folder / "tokenizer.json"
     if tok.is_file():
@@ -141,7 +141,7 @@ def import_clip(
         "from": str(folder),
         "towers": towers,
         "imported": len(imported),
-        "initialised_fresh": initialised,
+        "initialised_fresh": sorted({_group(p, towers) for p in placeholders}),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if verbose:

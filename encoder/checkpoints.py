@@ -13,7 +13,6 @@ Never pickled: orbax (tensorstore) for arrays, JSON/YAML for the rest.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,15 +33,6 @@ def write_yaml_atomic(path: str | os.PathLike, data: Mapping) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(_plain(data), sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy `src` to `dst` through a temporary name, so `dst` is whole or absent."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def read_config(workdir: str | os.PathLike) -> dict | None:
@@ -107,13 +97,20 @@ def save_params(workdir: str | os.PathLike, config: Mapping, params, step: int) 
     return str(workdir.absolute() / CKPT_DIR / str(int(step)))
 
 
+def finished_steps(workdir: str | os.PathLike) -> list[int]:
+    """Steps of the workdir's finished checkpoints (orbax renames a step folder into place
+    only when it is complete, so a numbered folder with `params/` is one)."""
+    root = Path(workdir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return [int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "params").is_dir()]
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path, int]:
     """(workdir, step folder, step) for a workdir (latest step) or a `checkpoints/<step>` dir."""
     path = Path(path).absolute()
     if (path / CKPT_DIR).is_dir():
-        steps = [
-            int(p.name) for p in (path / CKPT_DIR).iterdir() if p.name.isdigit() and (p / "params").is_dir()
-        ]
+        steps = finished_steps(path)
         if not steps:
             raise FileNotFoundError(f"{path}: no finished checkpoint under {CKPT_DIR}/")
         step = max(steps)
@@ -153,12 +150,18 @@ def load_tokenizer(config: Mapping, workdir: str | os.PathLike):
     """The run's tokenizer (`config['tokenizer']`, relative paths resolved against `workdir`)."""
     from clocmllm.encoder.tokenizer import Tokenizer
 
+    path = tokenizer_path(config, workdir)
+    if path is None:
+        raise FileNotFoundError(f"{workdir}: config.yaml names no tokenizer")
+    return Tokenizer.from_file(path, context_length=int(config["model"]["context_length"]))
+
+
+def tokenizer_path(config: Mapping, workdir: str | os.PathLike) -> Path | None:
+    """The tokenizer file `config` names (relative to `workdir`), None when it names none."""
     path = config.get("tokenizer")
     if not path:
-        raise FileNotFoundError(f"{workdir}: config.yaml names no tokenizer")
-    path = Path(path)
-    path = path if path.is_absolute() else Path(workdir) / path
-    return Tokenizer.from_file(path, context_length=int(config["model"]["context_length"]))
+        return None
+    return Path(path) if Path(path).is_absolute() else Path(workdir) / path
 
 
 def _plain(obj):

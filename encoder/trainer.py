@@ -540,14 +540,14 @@ def train(
         raise ValueError("no training data: give data.path in the config or --data DIR")
     problems = ProblemLog(strict=bool(cfg["data"]["strict"]))
     records = load_records(cfg["data"]["path"], cfg["data"]["split"], problems)
-    ckpts = workdir / ck.CKPT_DIR
-    if cfg["init_from"] and not cfg["tokenizer"] and not (ckpts.is_dir() and any(ckpts.iterdir())):
+    if cfg["init_from"] and not cfg["tokenizer"] and not ck.finished_steps(workdir):
+        from clocmllm.data.atomic import write_bytes_atomic
         from clocmllm.encoder.warm_start import source_tokenizer
 
         # its ids are what the copied text embedding was trained on (rewritten until the
         # run's first checkpoint, so a refused attempt leaves no stale copy behind)
         if (src := source_tokenizer(cfg["init_from"])) is not None:
-            ck.copy_file_atomic(src, workdir / ck.TOKENIZER_FILE)
+            write_bytes_atomic(workdir / ck.TOKENIZER_FILE, src.read_bytes())
     tokenize, tokenize_regions, tok = build_tokenizer(
         cfg, records, workdir
     )  # sets cfg['tokenizer'], vocab/eot/pad

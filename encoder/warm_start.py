@@ -66,12 +66,11 @@ def source_config(path: str | Path) -> tuple[Path, dict]:
 
 def source_tokenizer(path: str | Path) -> Path | None:
     """The tokenizer file the source was trained (or imported) with, if it names one."""
+    from clocmllm.encoder.checkpoints import tokenizer_path
+
     workdir, config = source_config(path)
-    name = config.get("tokenizer")
-    if not name:
-        return None
-    tok = Path(name) if Path(name).is_absolute() else workdir / name
-    if not tok.is_file():
+    tok = tokenizer_path(config, workdir)
+    if tok is not None and not tok.is_file():
         raise WarmStartError(f"init_from: {workdir}/config.yaml names tokenizer {tok}, which does not exist")
     return tok
 
@@ -81,6 +80,12 @@ def flatten(tree: Mapping) -> dict:
     from flax import traverse_util
 
     return traverse_util.flatten_dict(dict(tree), sep="/")
+
+
+def unflatten(flat: Mapping) -> dict:
+    from flax import traverse_util
+
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 @dataclass
@@ -188,20 +193,19 @@ def warm_start_params(params, init_from: str | Path, model: Mapping):
     where = f"init_from {init_from}"
     check_numerics(config["model"], model, where)
     _, source, step = restore_params(init_from)
-    source = flatten(source)
-    target = {jax.tree_util.keystr(p, simple=True, separator="/"): leaf.shape for p, leaf in _leaves(params)}
+    flat = flatten(params)
     fresh = set(config.get("init_fresh") or ())
     diffs = model_diffs(config["model"], model)
-    chosen = plan(target, source, fresh, where, diffs, bool(model.get("class_token", True)))
+    target = {path: leaf.shape for path, leaf in flat.items()}
+    chosen = plan(target, flatten(source), fresh, where, diffs, bool(model.get("class_token", True)))
 
-    def put(path, leaf):
-        value = chosen.copied.get(jax.tree_util.keystr(path, simple=True, separator="/"))
-        if value is None:
-            return leaf
+    def put(leaf, value):
         value = np.asarray(value, dtype=leaf.dtype)  # each process takes its shards of it
         return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: value[index])
 
-    out = jax.tree_util.tree_map_with_path(put, params)
+    out = unflatten(
+        {p: put(leaf, chosen.copied[p]) if p in chosen.copied else leaf for p, leaf in flat.items()}
+    )
     s = chosen.summary()
     log.info(
         "warm start from %s (step %d): %d parameters copied (resized: %s); fresh: %s; not used: %s",
@@ -209,12 +213,6 @@ def warm_start_params(params, init_from: str | Path, model: Mapping):
         ", ".join(s["unused"]) or "none",
     )  # fmt: skip
     return out, {"from": str(workdir), "step": step, **s}
-
-
-def _leaves(params):
-    import jax
-
-    return jax.tree_util.tree_flatten_with_path(params)[0]
 
 
 def _groups(paths: list[str]) -> list[str]:

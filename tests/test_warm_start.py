@@ -146,7 +146,18 @@ def test_pretrain_from_imported_clip_weights(imported):
     assert len(towers) > 20
     for p in towers:
         np.testing.assert_array_equal(got[p], src[p], err_msg=p)
-    assert got["prompter/box_embed/dense/kernel"].shape != src["prompter/box_embed/dense/kernel"].shape
+    # the placeholders are the run's own init (its seed, its prompter_freqs), not the import's
+    import jax
+
+    from clocmllm.encoder.config import ModelConfig
+    from clocmllm.encoder.models.clip import CLIP
+
+    model = CLIP(ModelConfig.from_dict(run_cfg["model"]))
+    own = flatten(jax.jit(lambda: model.init(jax.random.PRNGKey(3), *model.dummy_inputs(1))["params"])())
+    placeholders = [p for p in got if p.split("/")[0] in ("prompter", "ground")]
+    assert placeholders and any(own[p].shape != src[p].shape for p in placeholders)
+    for p in placeholders:
+        np.testing.assert_array_equal(got[p], own[p], err_msg=p)
     # the same command again: the finished run resumes (nothing left to do), no second warm start
     again = train(
         resolve_config(recipe(init_from=str(root / "from_clip")), data=root / "world"), root / "run"
